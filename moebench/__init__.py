@@ -1,0 +1,27 @@
+"""moebench: reference MoE layers and the suite that measures them."""
+
+from .config import PRESETS, MoEConfig, preset
+from .layer import IMPLS, check_inputs, impl_options, moe_forward, reference
+from .routing import SKEWS, LoadStats, Routing, load_balancing_loss, load_stats, make_routing, route
+from .weights import ExpertWeights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IMPLS",
+    "PRESETS",
+    "SKEWS",
+    "ExpertWeights",
+    "LoadStats",
+    "MoEConfig",
+    "Routing",
+    "check_inputs",
+    "impl_options",
+    "load_balancing_loss",
+    "load_stats",
+    "make_routing",
+    "moe_forward",
+    "preset",
+    "reference",
+    "route",
+]

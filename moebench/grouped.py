@@ -1,0 +1,65 @@
+"""The dropless standard: sort pairs by expert, one grouped GEMM per projection.
+
+T tokens, D model width, F expert hidden width, E experts, K experts per token,
+S = T*K token-expert pairs. This is the `sorted` implementation, as in torchtitan's
+GroupedExperts and transformers' grouped_mm path: permute a copy of x into expert order,
+run `grouped_mm` over the per-expert row segments (a per-segment loop where the torch build
+has no grouped GEMM for these operands), unpermute and combine.
+"""
+
+import torch
+import torch.nn.functional as F
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_GROUPED_MM = getattr(F, "grouped_mm", None)
+
+
+def _has_grouped_mm(x_TD: torch.Tensor, d_ff: int) -> bool:
+    """grouped_mm needs 16-byte aligned row strides; before torch 2.9 it is CUDA bf16 only."""
+    elt = x_TD.element_size()
+    aligned = (x_TD.shape[1] * elt) % 16 == 0 and (d_ff * elt) % 16 == 0
+    if _GROUPED_MM is not None:
+        return aligned and x_TD.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    return (
+        aligned
+        and hasattr(torch, "_grouped_mm")
+        and x_TD.is_cuda
+        and x_TD.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(x_TD.device) >= (9, 0)
+    )
+
+
+def _segment_mm(a_SN, w_EMN, ends_E, use_grouped):
+    """Rows of segment e of a_SN (ending at ends_E[e]) times w_EMN[e].T."""
+    if use_grouped:
+        grouped_mm = _GROUPED_MM or torch._grouped_mm
+        return grouped_mm(a_SN, w_EMN.transpose(1, 2), offs=ends_E.to(torch.int32))
+    out = a_SN.new_empty(a_SN.shape[0], w_EMN.shape[1])
+    start = 0
+    for e, end in enumerate(ends_E.tolist()):
+        if end > start:
+            out[start:end] = a_SN[start:end] @ w_EMN[e].T
+        start = end
+    return out
+
+
+def forward(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF, out_TD, stats):
+    T, K = ids_TK.shape
+    E, D, F_ = down_EDF.shape
+    ids_S = ids_TK.flatten()
+    order_S = torch.argsort(ids_S, stable=True)
+    ends_E = torch.bincount(ids_S, minlength=E).cumsum(0)
+    use_grouped = _has_grouped_mm(x_TD, F_)
+
+    xs_SD = x_TD[order_S // K]
+    gate, up = _segment_mm(xs_SD, gate_up_E2FD, ends_E, use_grouped).chunk(2, dim=-1)
+    ys_SD = _segment_mm(F.silu(gate) * up, down_EDF, ends_E, use_grouped)
+
+    acc_dtype = torch.float64 if x_TD.dtype == torch.float64 else torch.float32
+    y_SD = torch.empty_like(ys_SD, dtype=acc_dtype)
+    y_SD[order_S] = ys_SD.to(acc_dtype)  # unpermute back to pair order t*K + j
+    y_TKD = y_SD.view(T, K, D) * weights_TK.to(acc_dtype)[..., None]
+    out_TD.copy_(y_TKD.sum(1))
+    if stats is not None:
+        stats["grouped_mm"] = use_grouped
+    return out_TD

@@ -1,0 +1,131 @@
+"""`moe_forward`: input checks, dispatch to one implementation, shared experts.
+
+T tokens, D model width, F expert hidden width, Fs shared hidden width, E experts,
+K experts per token.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+from .routing import Routing
+from .weights import ExpertWeights
+
+# implementation name -> module; modules are imported on first use, so importing moebench
+# never imports triton or initializes CUDA.
+_MODULES = {"naive": "naive", "padded": "padded", "sorted": "grouped", "triton": "fused"}
+_SIGNATURE = ("x_TD", "ids_TK", "weights_TK", "gate_up_E2FD", "down_EDF", "out_TD", "stats")
+
+
+def _module(impl: str):
+    if impl not in _MODULES:
+        raise ValueError(f"unknown impl {impl!r}; known: {', '.join(_MODULES)}")
+    return importlib.import_module(f".{_MODULES[impl]}", __package__)
+
+
+def impl_options(impl: str) -> dict:
+    """The keyword options an implementation takes, with their defaults."""
+    params = inspect.signature(_module(impl).forward).parameters
+    return {n: p.default for n, p in params.items() if n not in _SIGNATURE}
+
+
+def check_inputs(x_TD, routing, weights, out_TD=None) -> None:
+    """Raise a ValueError naming the problem before any kernel runs."""
+    if not isinstance(x_TD, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x_TD).__name__}")
+    if not isinstance(routing, Routing):
+        raise TypeError(f"routing must be a moebench.Routing, got {type(routing).__name__}")
+    if not isinstance(weights, ExpertWeights):
+        raise TypeError(f"weights must be moebench.ExpertWeights, got {type(weights).__name__}")
+    E, D = weights.num_experts, weights.d_model
+    if x_TD.dim() != 2 or x_TD.shape[1] != D:
+        raise ValueError(f"x must be [T, D={D}], got shape {tuple(x_TD.shape)}")
+    if routing.ids.shape[0] != x_TD.shape[0]:
+        raise ValueError(
+            f"routing has {routing.ids.shape[0]} tokens, x has {x_TD.shape[0]}: "
+            f"ids must be [T={x_TD.shape[0]}, K], got {tuple(routing.ids.shape)}"
+        )
+    if routing.top_k > E:
+        raise ValueError(f"routing picks K={routing.top_k} experts per token, there are E={E}")
+    if x_TD.dtype != weights.dtype:
+        raise ValueError(f"x is {x_TD.dtype}, weights are {weights.dtype}: they must match")
+    for name, t in (("routing", routing.ids), ("weights", weights.gate_up)):
+        if t.device != x_TD.device:
+            raise ValueError(f"x is on {x_TD.device}, {name} on {t.device}: move them together")
+    if out_TD is not None and (
+        out_TD.shape != x_TD.shape or out_TD.dtype != x_TD.dtype or out_TD.device != x_TD.device
+    ):
+        raise ValueError(
+            f"out must be {x_TD.dtype} {tuple(x_TD.shape)} on {x_TD.device}, got "
+            f"{out_TD.dtype} {tuple(out_TD.shape)} on {out_TD.device}"
+        )
+    if routing.ids.numel():
+        # One host sync for the three value checks.
+        lo, hi, nan = torch.stack(
+            [routing.ids.min(), routing.ids.max(), routing.weights.isnan().any().long()]
+        ).tolist()
+        if lo < 0 or hi >= E:
+            raise ValueError(f"expert ids must be in [0, {E}), got ids in [{lo}, {hi}]")
+        if nan:
+            raise ValueError("routing weights contain NaN")
+
+
+def moe_forward(
+    x_TD: torch.Tensor,
+    routing: Routing,
+    weights: ExpertWeights,
+    impl: str = "sorted",
+    *,
+    out: torch.Tensor | None = None,
+    stats: dict | None = None,
+    check: bool = True,
+    **options,
+) -> torch.Tensor:
+    """The MoE layer: y[t] = sum_j w[t,j] * expert_{ids[t,j]}(x[t]) + shared(x[t]).
+
+    x_TD [T, D] and the weights share dtype and device; returns [T, D] in x's dtype, written
+    into `out` when given. `stats`, a dict, receives what the implementation reports (the
+    padded layer's capacity, dropped count and dropped_mask [T, K]). `check=False` skips the
+    input checks (and their host sync) for callers that already ran `check_inputs`.
+    `options` are the implementation's own (see `impl_options`), e.g. capacity_factor.
+    """
+    module = _module(impl)
+    allowed = impl_options(impl)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"impl {impl!r} has no option {unknown}; its options: {allowed}")
+    if check:
+        check_inputs(x_TD, routing, weights, out)
+    if x_TD.dtype not in module.DTYPES:
+        raise ValueError(f"impl {impl!r} does not support {x_TD.dtype}; it takes {module.DTYPES}")
+    if out is None:
+        out = torch.empty_like(x_TD)
+    if x_TD.shape[0] == 0:
+        return out
+    module.forward(
+        x_TD,
+        routing.ids.long(),
+        routing.weights,
+        weights.gate_up,
+        weights.down,
+        out,
+        stats,
+        **options,
+    )
+    if weights.shared_gate_up is not None:
+        gate, up = (x_TD @ weights.shared_gate_up.T).chunk(2, dim=-1)
+        out += (F.silu(gate) * up) @ weights.shared_down.T
+    return out
+
+
+def reference(x_TD: torch.Tensor, routing: Routing, weights: ExpertWeights) -> torch.Tensor:
+    """The float64 oracle: the naive loop on upcast inputs, returned in float64."""
+    return moe_forward(x_TD.double(), routing, weights.to(dtype=torch.float64), impl="naive")
+
+
+IMPLS = {name: functools.partial(moe_forward, impl=name) for name in _MODULES}

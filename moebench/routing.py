@@ -1,0 +1,206 @@
+"""Routing: a real top-k router, its load-balancing loss, and seeded synthetic skews.
+
+T tokens, E experts, K experts per token, S = T*K token-expert pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from .config import SCORINGS, MoEConfig
+
+SKEWS = ("balanced", "random", "zipf:<s>", "hot:<p>", "collapse")
+
+
+@dataclasses.dataclass
+class Routing:
+    """Which K experts each token goes to, and with what weight."""
+
+    ids: torch.Tensor  # [T, K] integer expert ids
+    weights: torch.Tensor  # [T, K] float routing weights
+
+    def __post_init__(self):
+        ids, weights = self.ids, self.weights
+        if not isinstance(ids, torch.Tensor) or not isinstance(weights, torch.Tensor):
+            raise TypeError("Routing.ids and Routing.weights must be tensors")
+        if ids.dim() != 2:
+            raise ValueError(f"Routing.ids must be [T, K], got shape {tuple(ids.shape)}")
+        if weights.shape != ids.shape:
+            raise ValueError(
+                f"Routing.weights shape {tuple(weights.shape)} != ids shape {tuple(ids.shape)}"
+            )
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise ValueError(f"Routing.ids must be an integer tensor, got {ids.dtype}")
+        if not weights.dtype.is_floating_point:
+            raise ValueError(f"Routing.weights must be a float tensor, got {weights.dtype}")
+        if ids.device != weights.device:
+            raise ValueError(
+                f"Routing.ids on {ids.device} and Routing.weights on {weights.device} differ"
+            )
+
+    @property
+    def num_tokens(self) -> int:
+        return self.ids.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        return self.ids.shape[1]
+
+    def to(self, device) -> Routing:
+        return Routing(self.ids.to(device), self.weights.to(device))
+
+
+def route(
+    logits_TE: torch.Tensor,
+    top_k: int,
+    scoring: str = "softmax",
+    renormalize: bool = True,
+    bias_E: torch.Tensor | None = None,
+    scale: float = 1.0,
+) -> Routing:
+    """Top-k routing from router logits.
+
+    scoring "softmax" (Mixtral, Qwen) or "sigmoid" (DeepSeek-V3, Llama 4). `bias_E`, as in
+    DeepSeek-V3's aux-loss-free balancing, shifts which experts are selected but not their
+    weights. `renormalize` rescales each token's K weights to sum to 1; `scale` multiplies
+    them afterwards (DeepSeek-V3's routed scaling factor). Differentiable in `logits_TE`.
+    """
+    if logits_TE.dim() != 2:
+        raise ValueError(f"router logits must be [T, E], got shape {tuple(logits_TE.shape)}")
+    num_experts = logits_TE.shape[1]
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k={top_k} must be in [1, E={num_experts}]")
+    if scoring not in SCORINGS:
+        raise ValueError(f"unknown scoring {scoring!r}; known: {SCORINGS}")
+    scores_TE = (
+        logits_TE.float().softmax(-1) if scoring == "softmax" else logits_TE.float().sigmoid()
+    )
+    choice_TE = scores_TE
+    if bias_E is not None:
+        if bias_E.shape != (num_experts,):
+            raise ValueError(f"router bias must be [E={num_experts}], got {tuple(bias_E.shape)}")
+        choice_TE = scores_TE + bias_E.to(scores_TE)
+    ids_TK = choice_TE.topk(top_k, dim=-1).indices
+    weights_TK = scores_TE.gather(-1, ids_TK)
+    if renormalize:
+        weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
+    return Routing(ids_TK, weights_TK * scale)
+
+
+def load_balancing_loss(logits_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
+    """Switch/GShard auxiliary loss E * sum_e f_e * P_e; 1.0 when perfectly balanced.
+
+    f_e is the fraction of token-expert pairs sent to expert e (not differentiable), P_e the
+    mean router probability of e (differentiable). Multiply by a small coefficient (0.01 in
+    Switch) and add to the training loss.
+    """
+    num_experts = logits_TE.shape[1]
+    probs_E = logits_TE.float().softmax(-1).mean(0)
+    counts_E = torch.bincount(ids_TK.flatten(), minlength=num_experts).to(probs_E)
+    return num_experts * (counts_E / ids_TK.numel() * probs_E).sum()
+
+
+def _parse_skew(skew: str) -> tuple[str, float | None]:
+    kind, _, arg = skew.partition(":")
+    if kind in ("balanced", "random", "collapse") and not arg:
+        return kind, None
+    if kind in ("zipf", "hot") and arg:
+        try:
+            value = float(arg)
+        except ValueError:
+            value = math.nan
+        if kind == "zipf" and value > 0:
+            return kind, value
+        if kind == "hot" and 0 <= value <= 1:
+            return kind, value
+        bounds = "s > 0" if kind == "zipf" else "0 <= p <= 1"
+        raise ValueError(f"skew {skew!r}: {kind} needs a number with {bounds}")
+    raise ValueError(f"unknown skew {skew!r}; known: {', '.join(SKEWS)}")
+
+
+def make_routing(
+    num_tokens: int,
+    cfg: MoEConfig,
+    skew: str = "random",
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> Routing:
+    """Seeded synthetic routing with distinct ids per token; the same on every machine.
+
+    - balanced: every expert gets S/E pairs (counts differ by at most 1 when E does not divide S)
+    - random: top-k of Gaussian logits, the fluctuation of an untrained router
+    - zipf:<s>: expert popularity ~ 1/rank^s (K distinct draws per token, Gumbel top-k)
+    - hot:<p>: one expert gets round(p*S) pairs, capped at T since a token picks an expert
+      once (so for K > 1/p every token picks it); the rest spread at random
+    - collapse: every token goes to the same K experts
+    Expert labels are shuffled by the seed, so the hot or popular experts are not always 0.
+    Weights are a softmax of Gaussian logits over each token's K slots (renormalized routing).
+    """
+    kind, arg = _parse_skew(skew)
+    T, E, K = num_tokens, cfg.num_experts, cfg.top_k
+    if not isinstance(T, int) or T <= 0:
+        raise ValueError(f"num_tokens must be a positive int, got {num_tokens!r}")
+    gen = torch.Generator().manual_seed(seed)
+    label_E = torch.randperm(E, generator=gen)  # rank -> expert id
+    if kind == "balanced":
+        # Pair p = t*K + j takes rank p mod E: K consecutive ranks are distinct since K <= E.
+        pairs = torch.arange(T * K).view(T, K)
+        rank_TK = (pairs % E)[torch.randperm(T, generator=gen)]
+    elif kind == "collapse":
+        rank_TK = torch.arange(K).expand(T, K)
+    else:
+        if kind == "zipf":
+            uniform_TE = torch.rand(T, E, generator=gen).clamp_min(1e-20)
+            log_pop_E = -arg * torch.arange(1, E + 1, dtype=torch.float64).log().float()
+            score_TE = log_pop_E - torch.log(-torch.log(uniform_TE))  # + Gumbel noise
+        else:
+            score_TE = torch.randn(T, E, generator=gen)
+        if kind == "hot":
+            hot_tokens = min(round(arg * T * K), T)
+            picks_hot_T = torch.randperm(T, generator=gen) < hot_tokens
+            score_TE[:, 0] = torch.where(picks_hot_T, math.inf, -math.inf)
+        rank_TK = score_TE.topk(K, dim=-1).indices
+    ids_TK = label_E[rank_TK]
+    weights_TK = torch.randn(T, K, generator=gen).softmax(-1)
+    return Routing(ids_TK.to(device), weights_TK.to(device))
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadStats:
+    """How evenly a routing spreads its S pairs over E experts."""
+
+    tokens_per_expert: torch.Tensor  # [E] pairs received by each expert
+    max_load: int
+    mean_load: float  # S / E
+    max_over_mean: float  # 1.0 is perfectly balanced
+    cv: float  # coefficient of variation of the per-expert load
+    empty_experts: int
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        del d["tokens_per_expert"]
+        return d
+
+
+def load_stats(routing: Routing, num_experts: int) -> LoadStats:
+    """Per-expert load of a routing: max/mean, coefficient of variation, empty experts."""
+    ids = routing.ids.flatten()
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
+        raise ValueError(
+            f"expert ids must be in [0, {num_experts}), got range "
+            f"[{int(ids.min())}, {int(ids.max())}]"
+        )
+    counts_E = torch.bincount(ids.cpu(), minlength=num_experts)
+    mean = ids.numel() / num_experts
+    std = counts_E.double().std(correction=0).item()
+    return LoadStats(
+        tokens_per_expert=counts_E,
+        max_load=int(counts_E.max()),
+        mean_load=mean,
+        max_over_mean=int(counts_E.max()) / mean,
+        cv=std / mean,
+        empty_experts=int((counts_E == 0).sum()),
+    )

@@ -1,0 +1,120 @@
+"""Expert weights in the Hugging Face transformers MoE layout.
+
+E experts, D model width, F expert hidden width, Fs shared hidden width.
+gate_up [E, 2F, D] (gate rows, then up rows), down [E, D, F];
+shared_gate_up [2*Fs, D], shared_down [D, Fs].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .config import MoEConfig, torch_dtype
+
+
+def _shape(t: torch.Tensor | None) -> tuple | None:
+    return None if t is None else tuple(t.shape)
+
+
+@dataclasses.dataclass
+class ExpertWeights:
+    gate_up: torch.Tensor  # [E, 2F, D]
+    down: torch.Tensor  # [E, D, F]
+    shared_gate_up: torch.Tensor | None = None  # [2*Fs, D]
+    shared_down: torch.Tensor | None = None  # [D, Fs]
+
+    def __post_init__(self):
+        gate_up, down = self.gate_up, self.down
+        if gate_up.dim() != 3 or gate_up.shape[1] % 2:
+            raise ValueError(f"gate_up must be [E, 2F, D], got shape {_shape(gate_up)}")
+        E, F2, D = gate_up.shape
+        if down.shape != (E, D, F2 // 2):
+            raise ValueError(
+                f"down must be [E, D, F] = {(E, D, F2 // 2)} to match gate_up {_shape(gate_up)}, "
+                f"got {_shape(down)}"
+            )
+        if (self.shared_gate_up is None) != (self.shared_down is None):
+            raise ValueError("shared_gate_up and shared_down must be given together")
+        if self.shared_gate_up is not None:
+            sgu, sd = self.shared_gate_up, self.shared_down
+            if sgu.dim() != 2 or sgu.shape[1] != D or sgu.shape[0] % 2:
+                raise ValueError(f"shared_gate_up must be [2*Fs, D={D}], got {_shape(sgu)}")
+            if sd.shape != (D, sgu.shape[0] // 2):
+                raise ValueError(
+                    f"shared_down must be [D, Fs] = {(D, sgu.shape[0] // 2)}, got {_shape(sd)}"
+                )
+        for name, t in self._tensors().items():
+            if t.dtype != gate_up.dtype or t.device != gate_up.device:
+                raise ValueError(
+                    f"{name} is {t.dtype} on {t.device}, gate_up is {gate_up.dtype} on "
+                    f"{gate_up.device}: all weights must share dtype and device"
+                )
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        names = ("gate_up", "down", "shared_gate_up", "shared_down")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    @classmethod
+    def random(
+        cls,
+        cfg: MoEConfig,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+    ) -> ExpertWeights:
+        """Gaussian weights scaled by 1/sqrt(fan_in), drawn on `device` straight in `dtype`
+        (no float32 copy of a whole model). Reproducible for the same seed and device type."""
+        dtype = torch_dtype(dtype or cfg.dtype)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        D, F, E, Fs = cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.d_ff_shared
+
+        def normal(shape, fan_in):
+            t = torch.empty(shape, dtype=dtype, device=device)
+            return t.normal_(0.0, fan_in**-0.5, generator=gen)
+
+        return cls(
+            gate_up=normal((E, 2 * F, D), D),
+            down=normal((E, D, F), F),
+            shared_gate_up=normal((2 * Fs, D), D) if Fs else None,
+            shared_down=normal((D, Fs), Fs) if Fs else None,
+        )
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_up.shape[0]
+
+    @property
+    def d_model(self) -> int:
+        return self.gate_up.shape[2]
+
+    @property
+    def d_ff(self) -> int:
+        return self.down.shape[2]
+
+    @property
+    def d_ff_shared(self) -> int:
+        return 0 if self.shared_down is None else self.shared_down.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.gate_up.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.gate_up.device
+
+    @property
+    def expert_nbytes(self) -> int:
+        """Bytes of one routed expert (gate, up and down)."""
+        return 3 * self.d_model * self.d_ff * self.gate_up.element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors().values())
+
+    def to(self, device=None, dtype=None) -> ExpertWeights:
+        return ExpertWeights(
+            **{n: t.to(device=device, dtype=dtype) for n, t in self._tensors().items()}
+        )
