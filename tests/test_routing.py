@@ -1,0 +1,132 @@
+import hashlib
+
+import pytest
+import torch
+
+import moebench as mb
+
+CFG = mb.MoEConfig(d_model=16, d_ff=16, num_experts=16, top_k=4)
+SKEWS = ["balanced", "random", "zipf:1.2", "hot:0.5", "hot:0.1", "collapse"]
+
+
+@pytest.mark.parametrize("skew", SKEWS)
+def test_seed_reproduces_and_ids_are_distinct(skew):
+    a = mb.make_routing(100, CFG, skew=skew, seed=7)
+    b = mb.make_routing(100, CFG, skew=skew, seed=7)
+    c = mb.make_routing(100, CFG, skew=skew, seed=8)
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.weights, b.weights)
+    assert not torch.equal(a.weights, c.weights)
+    assert a.ids.shape == (100, 4) and a.ids.dtype == torch.int64
+    assert ((a.ids >= 0) & (a.ids < 16)).all()
+    assert (a.ids.sort(-1).values.diff(dim=-1) > 0).all(), "a token picked an expert twice"
+    assert torch.allclose(a.weights.sum(-1), torch.ones(100)) and (a.weights > 0).all()
+
+
+def test_same_seed_same_routing_on_every_machine():
+    # The CPU generator is the same everywhere; this digest was taken on the first machine
+    # and catches any change to the synthetic routing that would break comparability.
+    r = mb.make_routing(64, CFG, skew="zipf:1.2", seed=0)
+    digest = hashlib.sha256(r.ids.numpy().tobytes() + r.weights.numpy().tobytes()).hexdigest()
+    assert digest[:16] == "364690da444a67cc"
+
+
+@pytest.mark.parametrize(("T", "E", "K"), [(64, 16, 4), (32, 8, 2), (48, 64, 8), (5, 16, 3)])
+def test_balanced_spreads_pairs_evenly(T, E, K):
+    cfg = mb.MoEConfig(d_model=8, d_ff=8, num_experts=E, top_k=K)
+    stats = mb.load_stats(mb.make_routing(T, cfg, skew="balanced", seed=1), E)
+    counts = stats.tokens_per_expert
+    assert counts.sum() == T * K
+    assert counts.max() - counts.min() <= 1
+    if T * K % E == 0:
+        assert stats.max_over_mean == 1.0 and stats.cv == 0.0
+
+
+def test_hot_gives_one_expert_its_share_of_the_pairs():
+    cfg = mb.MoEConfig(d_model=8, d_ff=8, num_experts=16, top_k=2)
+    counts = mb.load_stats(mb.make_routing(1000, cfg, skew="hot:0.5", seed=0), 16).tokens_per_expert
+    assert counts.max() == 1000 == counts.sum() // 2  # half of the 2000 pairs
+    counts = mb.load_stats(mb.make_routing(1000, cfg, skew="hot:0.1", seed=0), 16).tokens_per_expert
+    assert counts.max() == 200
+    # With K=4 an expert can take at most one pair per token: hot:0.5 caps at T.
+    counts = mb.load_stats(mb.make_routing(1000, CFG, skew="hot:0.5", seed=0), 16).tokens_per_expert
+    assert counts.max() == 1000
+
+
+def test_collapse_sends_every_token_to_the_same_experts():
+    stats = mb.load_stats(mb.make_routing(50, CFG, skew="collapse", seed=3), 16)
+    assert stats.empty_experts == 12 and sorted(stats.tokens_per_expert.tolist())[-4:] == [50] * 4
+
+
+def test_zipf_popularity_falls_with_rank():
+    cfg = mb.MoEConfig(d_model=8, d_ff=8, num_experts=64, top_k=2)
+    counts = mb.load_stats(mb.make_routing(4000, cfg, skew="zipf:1.2", seed=0), 64)
+    ranked = counts.tokens_per_expert.sort(descending=True).values.double()
+    assert counts.max_over_mean > 4
+    assert ranked[:4].mean() > 4 * ranked[16:32].mean() > 0  # heavy head, thin tail
+    random = mb.load_stats(mb.make_routing(4000, cfg, skew="random", seed=0), 64)
+    assert 1.0 < random.max_over_mean < 1.5
+
+
+@pytest.mark.parametrize("skew", ["zipf", "zipf:0", "hot:1.5", "hot:x", "uniform", "balanced:2"])
+def test_unknown_or_bad_skew_is_named(skew):
+    with pytest.raises(ValueError, match="skew"):
+        mb.make_routing(8, CFG, skew=skew)
+
+
+def test_route_softmax_renormalized():
+    logits = torch.randn(32, 16)
+    r = mb.route(logits, top_k=4)
+    probs = logits.softmax(-1)
+    assert torch.equal(r.ids, probs.topk(4).indices)
+    assert torch.allclose(r.weights.sum(-1), torch.ones(32))
+    assert torch.allclose(r.weights, probs.topk(4).values / probs.topk(4).values.sum(-1, True))
+
+
+def test_route_sigmoid_bias_moves_selection_not_weights():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    r = mb.route(logits, top_k=1, scoring="sigmoid", renormalize=False)
+    assert r.ids.tolist() == [[0]] and torch.allclose(r.weights, torch.sigmoid(logits[:, :1]))
+    bias = torch.tensor([0.0, 0.0, 0.0, 5.0])
+    r = mb.route(logits, top_k=1, scoring="sigmoid", renormalize=False, bias_E=bias, scale=2.5)
+    assert r.ids.tolist() == [[3]]
+    assert torch.allclose(r.weights, 2.5 * torch.sigmoid(logits[:, 3:]))
+
+
+def test_route_is_differentiable_and_checks_its_input():
+    logits = torch.randn(8, 6, requires_grad=True)
+    r = mb.route(logits, top_k=2)
+    (r.weights * torch.arange(2.0)).sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="top_k"):
+        mb.route(logits, top_k=7)
+    with pytest.raises(ValueError, match="scoring"):
+        mb.route(logits, top_k=2, scoring="relu")
+    with pytest.raises(ValueError, match=r"\[T, E\]"):
+        mb.route(logits[0], top_k=2)
+
+
+def test_load_balancing_loss():
+    T, E = 64, 8
+    uniform = torch.zeros(T, E)
+    balanced = mb.make_routing(T, mb.MoEConfig(8, 8, E, 2), skew="balanced").ids
+    assert mb.load_balancing_loss(uniform, balanced).item() == pytest.approx(1.0)
+    skewed = torch.zeros(T, E)
+    skewed[:, 0] = 5.0
+    collapsed = torch.zeros(T, 1, dtype=torch.long)
+    assert mb.load_balancing_loss(skewed, collapsed) > 4.0
+    logits = torch.randn(T, E, requires_grad=True)
+    mb.load_balancing_loss(logits, mb.route(logits, 2).ids).backward()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_routing_checks_shapes_and_dtypes():
+    with pytest.raises(ValueError, match=r"\[T, K\]"):
+        mb.Routing(torch.zeros(4, dtype=torch.long), torch.zeros(4))
+    with pytest.raises(ValueError, match="shape"):
+        mb.Routing(torch.zeros(4, 2, dtype=torch.long), torch.zeros(4, 3))
+    with pytest.raises(ValueError, match="integer"):
+        mb.Routing(torch.zeros(4, 2), torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="float"):
+        mb.Routing(torch.zeros(4, 2, dtype=torch.long), torch.zeros(4, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"expert ids must be in \[0, 4\)"):
+        mb.load_stats(mb.Routing(torch.full((2, 1), 4), torch.ones(2, 1)), 4)
