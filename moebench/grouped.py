@@ -15,18 +15,24 @@ _GROUPED_MM = getattr(F, "grouped_mm", None)
 
 
 def _has_grouped_mm(x_TD: torch.Tensor, d_ff: int) -> bool:
-    """grouped_mm needs 16-byte aligned row strides; before torch 2.9 it is CUDA bf16 only."""
+    """Whether this build has a grouped GEMM for these operands: rows must be 16-byte
+    aligned; on CUDA only bf16 is supported everywhere (sm80+ for F.grouped_mm, sm90 for the
+    older torch._grouped_mm); the CPU kernels of F.grouped_mm also take fp16 and fp32."""
     elt = x_TD.element_size()
-    aligned = (x_TD.shape[1] * elt) % 16 == 0 and (d_ff * elt) % 16 == 0
+    if (x_TD.shape[1] * elt) % 16 or (d_ff * elt) % 16:
+        return False
+    if not x_TD.is_cuda:
+        return _GROUPED_MM is not None and x_TD.dtype in (
+            torch.float16,
+            torch.bfloat16,
+            torch.float32,
+        )
+    if x_TD.dtype != torch.bfloat16:
+        return False
+    capability = torch.cuda.get_device_capability(x_TD.device)
     if _GROUPED_MM is not None:
-        return aligned and x_TD.dtype in (torch.float16, torch.bfloat16, torch.float32)
-    return (
-        aligned
-        and hasattr(torch, "_grouped_mm")
-        and x_TD.is_cuda
-        and x_TD.dtype == torch.bfloat16
-        and torch.cuda.get_device_capability(x_TD.device) >= (9, 0)
-    )
+        return capability >= (8, 0)
+    return hasattr(torch, "_grouped_mm") and capability >= (9, 0)
 
 
 def _segment_mm(a_SN, w_EMN, ends_E, use_grouped):
