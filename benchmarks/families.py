@@ -1,0 +1,123 @@
+"""asv suites: every implementation over the sweep families, each point and skew.
+
+Thin by design: `setup_cache` returns the records of one sweep run (moebench.sweep
+measures, with weights generated once per point); the track_ methods look their point up.
+All suites share that one setup_cache (asv keys the cache by the function, and every
+class inherits the same one), so the grid is measured once per `asv run`, in one fresh
+process. A point the sweep skipped (out of memory, a capacity buffer too large, Triton
+without CUDA) raises NotImplementedError in setup: asv shows it as skipped, with the
+reason in its output.
+
+The parameters depend on the profile, read from MOEBENCH_PROFILE when asv imports this
+module (default: gpu where CUDA is available, else cpu); `nox -s bench` sets it and keeps
+each profile's results under its own asv machine name, <profile>-<machine>. Importing
+this module imports torch but never initializes CUDA.
+"""
+
+import pathlib
+
+from moebench import grid, harness, sweep
+
+PROFILE = grid.get_profile()
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results"
+
+
+def _params(family, impls=grid.IMPLS, skews=grid.SKEWS):
+    return [[pt.label for pt in grid.points(family, PROFILE)], list(impls), list(skews)]
+
+
+class _Sweep:
+    param_names = ("point", "impl", "skew")
+    # What the numbers mean is fixed by the harness, not by this file's source: results
+    # stay on one curve across commits until the harness version changes.
+    version = harness.HARNESS_VERSION
+    family = ""
+    metrics = ()
+
+    def setup_cache(self):
+        return sweep.asv_records(PROFILE, RESULTS)
+
+    setup_cache.timeout = PROFILE.timeout_s
+
+    def setup(self, records, point, impl, skew):
+        self.record = sweep.asv_lookup(records, self.family, point, impl, skew, self.metrics)
+
+
+class _Time(_Sweep):
+    metrics = ("time_ms", "peak_bytes")
+
+    def track_time_ms(self, records, point, impl, skew):
+        return self.record["time_ms"]
+
+    track_time_ms.unit = "ms"
+
+    def track_peak_bytes(self, records, point, impl, skew):
+        return self.record["peak_bytes"]
+
+    track_peak_bytes.unit = "bytes"
+
+
+class _Imbalance(_Sweep):
+    metrics = ("imbalance_overhead",)
+
+    def track_imbalance_overhead(self, records, point, impl, skew):
+        return self.record["imbalance_overhead"]
+
+    track_imbalance_overhead.unit = "x balanced time"
+
+
+class _Dropped(_Sweep):
+    metrics = ("dropped_fraction",)
+
+    def track_dropped_fraction(self, records, point, impl, skew):
+        return self.record["dropped_fraction"]
+
+    track_dropped_fraction.unit = "fraction of pairs"
+
+
+UNBALANCED = [s for s in grid.SKEWS if s != "balanced"]
+
+
+class ScaleOut(_Time):
+    family = "scale-out"
+    params = _params(family)
+
+
+class ScaleOutImbalance(_Imbalance):
+    family = "scale-out"
+    params = _params(family, skews=UNBALANCED)
+
+
+class ScaleOutDropped(_Dropped):
+    family = "scale-out"
+    params = _params(family, impls=["padded"])
+
+
+class IsoParams(_Time):
+    family = "iso-params"
+    params = _params(family)
+
+
+class IsoParamsImbalance(_Imbalance):
+    family = "iso-params"
+    params = _params(family, skews=UNBALANCED)
+
+
+class IsoParamsDropped(_Dropped):
+    family = "iso-params"
+    params = _params(family, impls=["padded"])
+
+
+class Models(_Time):
+    family = "models"
+    params = _params(family)
+
+
+class ModelsImbalance(_Imbalance):
+    family = "models"
+    params = _params(family, skews=UNBALANCED)
+
+
+class ModelsDropped(_Dropped):
+    family = "models"
+    params = _params(family, impls=["padded"])

@@ -1,0 +1,197 @@
+"""The benchmark grid: DESIGN.md's sweep families, generated for one profile.
+
+A profile fixes the device, dtype, the family shapes and the timing budget:
+- `gpu`: the families at their real shapes in bf16 (the numbers DESIGN.md talks about);
+- `cpu`: a labelled small copy in fp32 (D, F and T scaled down, E up to 1024, model
+  presets with D and F divided by 16, tokens divided by 16) so that a machine without a
+  GPU runs the same code in minutes; Triton is skipped there;
+- `tiny`: a few points of each family, for tests and the CI smoke run.
+The profile is named explicitly or by the MOEBENCH_PROFILE environment variable, and
+defaults to `gpu` where CUDA is available, else `cpu`.
+
+D model width, F expert hidden width, E experts, K experts per token, T tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from .config import PRESETS, MoEConfig
+
+FAMILIES = ("scale-out", "iso-params", "models")
+SKEWS = ("balanced", "random", "zipf:1.2", "hot:0.5", "collapse")
+IMPLS = ("naive", "padded", "sorted", "triton")
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    name: str
+    device: str
+    dtype: str
+    tokens: int  # T of scale-out and iso-params
+    max_experts: int  # E runs over the powers of two from 8 to this
+    scale_out: tuple[int, int, int]  # D, F, K (K is capped at E)
+    iso_params: tuple[int, int, int]  # D, E*F, K
+    model_tokens: tuple[int, ...]  # T of the models family
+    model_shrink: int  # the presets' D, F and shared F are divided by this
+    warmup: int
+    repeats: int
+    max_time_s: float  # timing budget of one point; repeats shrink (never below 3) past it
+    matmul_n: int  # the matmul ceiling is an N x N x N matmul
+    copy_bytes: int  # the copy ceiling copies a buffer of this size
+    check_bytes: int  # largest float64 reference (weights of the checked experts) to build
+    timeout_s: int  # what the whole profile may take in one process (asv setup_cache)
+    # torch CPU threads while measuring; None leaves torch's default. The CPU profiles use
+    # one: with more OpenMP threads than idle cores, small matmuls slow down tenfold and
+    # the numbers follow the machine's load rather than the code.
+    threads: int | None = None
+
+    def experts(self) -> list[int]:
+        return [2**i for i in range(3, self.max_experts.bit_length())]
+
+
+PROFILES = {
+    p.name: p
+    for p in (
+        Profile(
+            name="gpu",
+            device="cuda",
+            dtype="bfloat16",
+            tokens=4096,
+            max_experts=8192,
+            scale_out=(1024, 512, 8),
+            iso_params=(2048, 65536, 2),
+            model_tokens=(1, 64, 4096, 16384),
+            model_shrink=1,
+            warmup=3,
+            repeats=20,
+            max_time_s=0.5,
+            matmul_n=8192,
+            copy_bytes=2**30,
+            check_bytes=4 * 2**30,
+            timeout_s=3600,
+        ),
+        Profile(
+            name="cpu",
+            device="cpu",
+            dtype="float32",
+            tokens=256,
+            max_experts=1024,
+            scale_out=(256, 128, 8),
+            iso_params=(256, 8192, 2),
+            model_tokens=(1, 4, 256, 1024),
+            model_shrink=16,
+            warmup=1,
+            repeats=9,
+            max_time_s=0.4,
+            matmul_n=1024,
+            copy_bytes=256 * 2**20,
+            check_bytes=256 * 2**20,
+            timeout_s=1800,
+            threads=1,
+        ),
+        Profile(
+            name="tiny",
+            device="cpu",
+            dtype="float32",
+            tokens=64,
+            max_experts=32,
+            scale_out=(32, 16, 4),
+            iso_params=(32, 256, 2),
+            model_tokens=(1, 16),
+            model_shrink=64,
+            warmup=1,
+            repeats=3,
+            max_time_s=0.05,
+            matmul_n=256,
+            copy_bytes=16 * 2**20,
+            check_bytes=64 * 2**20,
+            timeout_s=600,
+            threads=1,
+        ),
+    )
+}
+
+
+def default_profile_name() -> str:
+    """MOEBENCH_PROFILE, else `gpu` where CUDA is available, else `cpu`."""
+    name = os.environ.get("MOEBENCH_PROFILE")
+    if name:
+        return name
+    # is_available() asks the driver without creating a context.
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def get_profile(profile: str | Profile | None = None) -> Profile:
+    """A profile by name (default: `default_profile_name()`); a ValueError lists the names."""
+    if isinstance(profile, Profile):
+        return profile
+    name = profile or default_profile_name()
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; known: {', '.join(PROFILES)}")
+    return PROFILES[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One grid point: a layer shape and a token count, named within its family."""
+
+    family: str
+    label: str  # "E=64" or "qwen3-235b-a22b/T=4096"
+    cfg: MoEConfig
+    T: int
+
+
+def shrink(cfg: MoEConfig, factor: int, dtype: str) -> MoEConfig:
+    """The layer with D, F and the shared F divided by `factor` (at least 1), in `dtype`."""
+    if factor == 1:
+        return cfg.replace(dtype=dtype)
+    shared = cfg.shared_d_ff and max(1, cfg.shared_d_ff // factor)
+    return cfg.replace(
+        d_model=max(1, cfg.d_model // factor),
+        d_ff=max(1, cfg.d_ff // factor),
+        shared_d_ff=shared,
+        dtype=dtype,
+    )
+
+
+def points(family: str, profile: str | Profile | None = None) -> list[Point]:
+    """The family's points for the profile, in sweep order (E or T ascending)."""
+    p = get_profile(profile)
+    if family == "scale-out":
+        D, F, K = p.scale_out
+        return [
+            Point(
+                family,
+                f"E={E}",
+                MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=min(K, E), dtype=p.dtype),
+                p.tokens,
+            )
+            for E in p.experts()
+        ]
+    if family == "iso-params":
+        D, params, K = p.iso_params
+        return [
+            Point(
+                family,
+                f"E={E}",
+                MoEConfig(d_model=D, d_ff=params // E, num_experts=E, top_k=K, dtype=p.dtype),
+                p.tokens,
+            )
+            for E in p.experts()
+            if params // E >= 1
+        ]
+    if family == "models":
+        return [
+            Point(family, f"{name}/T={T}", shrink(cfg, p.model_shrink, p.dtype), T)
+            for name, cfg in PRESETS.items()
+            for T in p.model_tokens
+        ]
+    raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+
+
+def all_points(profile: str | Profile | None = None) -> list[Point]:
+    return [pt for family in FAMILIES for pt in points(family, profile)]

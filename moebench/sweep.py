@@ -1,0 +1,493 @@
+"""Running the grid: points x skews x implementations -> one record each, and run files.
+
+The loop is point -> skew -> impl, so each point's weights (22 GB for deepseek-v3 in
+bf16) are generated once and shared by every routing and implementation. A point that
+cannot run is recorded as skipped with its reason (out of memory, a capacity buffer that
+does not fit, an unsupported dtype, Triton without CUDA, or any other error) and the
+sweep goes on. A run file is `{"env": ..., "profile": ..., "records": [...]}`, written to a
+temporary file beside its destination and renamed over it, so a reader never sees half a
+run.
+
+`python -m moebench.sweep` runs a whole profile and writes its run file (what
+`nox -s bench` does before asv records the same numbers).
+
+T tokens, D model width, F expert hidden width, Fs shared hidden width, E experts,
+K experts per token, S = T*K token-expert pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import grid, harness
+from .config import torch_dtype
+from .layer import moe_forward, reference
+from .routing import Routing, load_stats, make_routing
+from .weights import ExpertWeights
+
+# Every record has these keys; metrics are None where a point was skipped or a metric
+# does not apply.
+RECORD_FIELDS = (
+    "family", "label", "impl", "skew", "T", "D", "F", "E", "K", "Fs", "dtype",
+    "status", "reason",
+    "time_ms", "p20_ms", "p80_ms", "cv", "repeats",
+    "peak_bytes", "peak_label",
+    "flops", "min_bytes", "tokens_per_s", "tflops", "roofline_fraction",
+    "max_over_mean", "touched_experts", "imbalance_overhead", "dropped_fraction", "rel_err",
+)  # fmt: skip
+SEED = 0
+_CEILINGS: dict[tuple, harness.Ceilings] = {}  # measured once per process and profile
+
+
+def ceilings_for(profile: grid.Profile, timer) -> harness.Ceilings:
+    key = (profile.device, profile.dtype, profile.matmul_n, profile.copy_bytes, timer.label)
+    if key not in _CEILINGS:
+        _CEILINGS[key] = harness.measure_ceilings(
+            profile.device,
+            torch_dtype(profile.dtype),
+            timer,
+            matmul_n=profile.matmul_n,
+            copy_bytes=profile.copy_bytes,
+        )
+    return _CEILINGS[key]
+
+
+def _free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _inputs(point: grid.Point, device: torch.device, dtype: torch.dtype):
+    """Weights and x for a point, or the reason they cannot be made here."""
+    cfg = point.cfg
+    experts = cfg.num_experts * cfg.d_ff + cfg.d_ff_shared
+    weights_bytes = 3 * cfg.d_model * experts * dtype.itemsize
+    # Leave a tenth of the free memory for the layer's own buffers.
+    free = _free_memory(device)
+    if weights_bytes > 0.9 * free:
+        return None, (
+            f"out of memory: weights need {weights_bytes / 2**30:.1f} GiB, "
+            f"{free / 2**30:.1f} GiB free on {device}"
+        )
+    try:
+        weights = ExpertWeights.random(cfg, dtype=dtype, device=device, seed=SEED)
+        gen = torch.Generator(device=device).manual_seed(SEED + 1)
+        x_TD = torch.randn(point.T, cfg.d_model, generator=gen, device=device, dtype=dtype)
+    except torch.OutOfMemoryError as e:
+        _release(device)
+        return None, f"out of memory: {_first_line(e)}"
+    except RuntimeError as e:  # the CPU allocator's failures are RuntimeErrors
+        _release(device)
+        return None, f"failed: RuntimeError: {_first_line(e)}"
+    return (weights, x_TD), None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:300]
+
+
+def _rel_err(y_TD, x_TD, routing, weights, stats, budget_bytes) -> float | None:
+    """||y - ref|| / ||ref|| against the float64 oracle on the first tokens whose experts'
+    float64 weights fit in `budget_bytes` (None if not even one token's do). Pairs the
+    padded layer dropped are dropped from the reference too: its drops are reported as
+    dropped_fraction, this is its arithmetic."""
+    D, F, Fs = weights.d_model, weights.d_ff, weights.d_ff_shared
+    n = min(routing.num_tokens, 256)
+    while True:
+        experts = routing.ids[:n].unique()
+        if (experts.numel() * 3 * D * F + 3 * D * Fs) * 8 <= budget_bytes:
+            break
+        if n == 1:
+            return None
+        n //= 2
+    shared = {}
+    if weights.shared_gate_up is not None:
+        shared = {"shared_gate_up": weights.shared_gate_up, "shared_down": weights.shared_down}
+    subset = ExpertWeights(gate_up=weights.gate_up[experts], down=weights.down[experts], **shared)
+    weights_nK = routing.weights[:n]
+    if "dropped_mask" in stats:
+        weights_nK = weights_nK.masked_fill(stats["dropped_mask"][:n], 0)
+    local = Routing(torch.searchsorted(experts, routing.ids[:n]), weights_nK)
+    ref_nD = reference(x_TD[:n], local, subset)
+    return ((y_TD[:n].double() - ref_nD).norm() / ref_nD.norm()).item()
+
+
+def _base_record(point: grid.Point, impl: str, skew: str, dtype: torch.dtype) -> dict:
+    cfg = point.cfg
+    record = dict.fromkeys(RECORD_FIELDS)
+    record.update(
+        family=point.family,
+        label=point.label,
+        impl=impl,
+        skew=skew,
+        T=point.T,
+        D=cfg.d_model,
+        F=cfg.d_ff,
+        E=cfg.num_experts,
+        K=cfg.top_k,
+        Fs=cfg.d_ff_shared,
+        dtype=str(dtype).removeprefix("torch."),
+        flops=harness.useful_flops(cfg, point.T),
+        status="skipped",
+    )
+    return record
+
+
+def _measure(record, forward, impl, x_TD, routing, weights, ctx) -> None:
+    """Fill in one record; raises what the layer raises."""
+    stats = {}
+    y_TD = forward(x_TD, routing, weights, impl=impl, stats=stats)  # checked; compiles
+    if impl == "padded":
+        record["dropped_fraction"] = stats["dropped"] / routing.ids.numel()
+    if ctx["check"]:
+        record["rel_err"] = _rel_err(
+            y_TD, x_TD, routing, weights, stats, ctx["profile"].check_bytes
+        )
+    del y_TD, stats
+    call = lambda: forward(x_TD, routing, weights, impl=impl, check=False)
+    p = ctx["profile"]
+    timing = harness.measure(
+        call,
+        ctx["timer"],
+        warmup=ctx["warmup"],
+        repeats=ctx["repeats"],
+        max_time_s=p.max_time_s,
+    )
+    peak, peak_label = harness.peak_memory(call, ctx["device"])
+    seconds = timing.median_ms * 1e-3
+    record.update(
+        status="ok",
+        time_ms=timing.median_ms,
+        p20_ms=timing.p20_ms,
+        p80_ms=timing.p80_ms,
+        cv=timing.cv,
+        repeats=timing.repeats,
+        peak_bytes=peak,
+        peak_label=peak_label,
+        tokens_per_s=record["T"] / seconds,
+        tflops=record["flops"] / seconds / 1e12,
+        roofline_fraction=harness.roofline_fraction(
+            record["flops"], record["min_bytes"], timing.median_ms, ctx["ceilings"]
+        ),
+    )
+
+
+def _skip(record: dict, reason: str) -> dict:
+    record.update(status="skipped", reason=reason)
+    for key in ("time_ms", "p20_ms", "p80_ms", "cv", "repeats", "peak_bytes", "tokens_per_s"):
+        record[key] = None
+    record.update(tflops=None, roofline_fraction=None, dropped_fraction=None, rel_err=None)
+    return record
+
+
+def _add_imbalance(records: list[dict]) -> None:
+    balanced = {
+        (r["family"], r["label"], r["impl"]): r["time_ms"]
+        for r in records
+        if r["skew"] == "balanced" and r["status"] == "ok"
+    }
+    for r in records:
+        base = balanced.get((r["family"], r["label"], r["impl"]))
+        if r["status"] == "ok" and base:
+            r["imbalance_overhead"] = r["time_ms"] / base
+
+
+def run_points(
+    points: list[grid.Point],
+    impls,
+    skews,
+    *,
+    profile,
+    repeats: int | None = None,
+    warmup: int | None = None,
+    check: bool = False,
+    progress=None,
+    forward=None,
+    timer=None,
+    ceilings: harness.Ceilings | None = None,
+) -> list[dict]:
+    """Measure every point x skew x impl; one record each (see RECORD_FIELDS).
+
+    profile: a grid.Profile or its name; it gives the device, dtype and timing budget.
+    repeats, warmup: override the profile's. check: compare each output with the float64
+    oracle (rel_err). progress(done, total, record) is called after each record.
+    forward: the layer (default moebench.moe_forward), replaceable to plant a slowdown.
+    timer, ceilings: default to the profile device's timer and ceilings measured now.
+    """
+    p = grid.get_profile(profile)
+    with harness.torch_threads(p.threads):
+        timer = timer or harness.make_timer(p.device)
+        ctx = {
+            "profile": p,
+            "device": torch.device(p.device),
+            "timer": timer,
+            "ceilings": ceilings or ceilings_for(p, timer),
+            "repeats": p.repeats if repeats is None else repeats,
+            "warmup": p.warmup if warmup is None else warmup,
+            "check": check,
+        }
+        records = _sweep(points, impls, skews, forward or moe_forward, progress, ctx)
+    _add_imbalance(records)
+    return records
+
+
+def _sweep(points, impls, skews, forward, progress, ctx) -> list[dict]:
+    device, dtype = ctx["device"], torch_dtype(ctx["profile"].dtype)
+    total = len(points) * len(skews) * len(impls)
+    records: list[dict] = []
+
+    def done(record):
+        records.append(record)
+        if progress is not None:
+            progress(len(records), total, record)
+
+    for point in points:
+        inputs, reason = _inputs(point, device, dtype)
+        for skew in skews:
+            routing = make_routing(point.T, point.cfg, skew=skew, seed=SEED, device=device)
+            load = load_stats(routing, point.cfg.num_experts)
+            touched = point.cfg.num_experts - load.empty_experts
+            for impl in impls:
+                record = _base_record(point, impl, skew, dtype)
+                record.update(
+                    max_over_mean=load.max_over_mean,
+                    touched_experts=touched,
+                    min_bytes=harness.min_bytes(point.cfg, point.T, touched, dtype.itemsize),
+                )
+                if inputs is None:
+                    done(_skip(record, reason))
+                    continue
+                if impl == "triton" and device.type != "cuda":
+                    done(_skip(record, "unsupported: triton needs a CUDA device"))
+                    continue
+                weights, x_TD = inputs
+                try:
+                    _measure(record, forward, impl, x_TD, routing, weights, ctx)
+                except torch.OutOfMemoryError as e:
+                    _skip(record, f"out of memory: {_first_line(e)}")
+                except (ValueError, NotImplementedError) as e:
+                    _skip(record, f"unsupported: {_first_line(e)}")
+                except Exception as e:  # one broken point must not end a sweep of hours
+                    _skip(record, f"failed: {type(e).__name__}: {_first_line(e)}")
+                if record["status"] != "ok":
+                    _release(device)
+                done(record)
+        del inputs
+        _release(device)
+    return records
+
+
+# --- run files --------------------------------------------------------------------------
+
+
+def _jsonable(value):
+    """NaN and infinities become null: JSON has no spelling for them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def write_run(path, env: dict, records: list[dict]) -> Path:
+    """Write a run file atomically: a temporary file in the same directory, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dump = lambda value: json.dumps(_jsonable(value), allow_nan=False)
+    # One record per line: compact, and a diff of two runs reads point by point.
+    text = (
+        f'{{"env": {dump(env)},\n"profile": {dump(env.get("profile"))},\n"records": [\n'
+        + ",\n".join(dump(r) for r in records)
+        + "\n]}\n"
+    )
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for everyone to read
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_run(path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_run(path):
+    """(env, pandas.DataFrame with one row per record and at least RECORD_FIELDS)."""
+    import pandas as pd  # only the report and the gate need pandas
+
+    run = read_run(path)
+    frame = pd.DataFrame(run["records"])
+    for column in RECORD_FIELDS:
+        if column not in frame:
+            frame[column] = None
+    return run["env"], frame
+
+
+def run_path(results_dir, env: dict) -> Path:
+    """results/<profile>-<machine>/run-<UTC time>.json"""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return Path(results_dir) / f"{env['profile']}-{env['machine']}" / f"run-{stamp}.json"
+
+
+def run_profile(
+    profile=None,
+    *,
+    output=None,
+    results_dir="results",
+    families=grid.FAMILIES,
+    impls=grid.IMPLS,
+    skews=grid.SKEWS,
+    check: bool = True,
+    flush_l2: bool = False,
+    cuda_graph: bool = False,
+    progress=None,
+) -> Path:
+    """Measure the profile's families (ceilings first), write the run file, return its path
+    (`output`, else run_path(results_dir, env))."""
+    p = grid.get_profile(profile)
+    timer = harness.make_timer(p.device, flush_l2=flush_l2, cuda_graph=cuda_graph)
+    started = time.perf_counter()
+    points = [pt for family in families for pt in grid.points(family, p)]
+    with harness.torch_threads(p.threads):
+        ceilings = ceilings_for(p, timer)
+        records = run_points(
+            points,
+            impls,
+            skews,
+            profile=p,
+            check=check,
+            progress=progress,
+            timer=timer,
+            ceilings=ceilings,
+        )
+        env = harness.environment(p.name, device=p.device, timer=timer, ceilings=ceilings)
+    env["duration_s"] = round(time.perf_counter() - started, 1)
+    return write_run(output or run_path(results_dir, env), env, records)
+
+
+def asv_records(profile: grid.Profile, results_dir) -> dict:
+    """The records asv reports, keyed by (family, label, impl, skew): the run file named by
+    MOEBENCH_RUN (what `nox -s bench` measured just before), else a fresh run of the
+    profile written under results_dir."""
+    path = os.environ.get("MOEBENCH_RUN") or run_profile(profile, results_dir=results_dir)
+    run = read_run(path)
+    if run["profile"] != profile.name:
+        raise ValueError(
+            f"{path} is a {run['profile']!r} run; the suites were built for profile "
+            f"{profile.name!r} (set MOEBENCH_PROFILE to match)"
+        )
+    return {(r["family"], r["label"], r["impl"], r["skew"]): r for r in run["records"]}
+
+
+def asv_lookup(records: dict, family, label, impl, skew, metrics) -> dict:
+    """The record of one asv parameter combination; NotImplementedError (asv: skipped)
+    with the reason when the sweep skipped it or lacks one of `metrics`."""
+    record = records.get((family, label, impl, skew))
+    if record is None:
+        raise NotImplementedError(f"{family} {label} {impl} {skew}: not in this run")
+    if record["status"] != "ok":
+        raise NotImplementedError(record["reason"])
+    missing = [m for m in metrics if record.get(m) is None]
+    if missing:
+        raise NotImplementedError(f"{', '.join(missing)} not measured for this point")
+    return record
+
+
+# --- progress and command line ---------------------------------------------------------
+
+
+class Progress:
+    """Prints one line per record to `stream` once a run has taken more than `after_s`:
+    short runs stay quiet, long ones show where they are and what is left."""
+
+    def __init__(self, stream=None, after_s: float = 2.0, clock=time.monotonic):
+        self.stream = stream or sys.stderr
+        self.after_s = after_s
+        self.clock = clock
+        self.start = clock()
+
+    def __call__(self, done: int, total: int, record: dict) -> None:
+        elapsed = self.clock() - self.start
+        if elapsed < self.after_s and done < total:
+            return
+        eta = elapsed / done * (total - done)
+        what = f"{record['time_ms']:.3f} ms" if record["status"] == "ok" else record["reason"]
+        print(
+            f"[{done:>{len(str(total))}}/{total}] {elapsed:.0f}s, ~{eta:.0f}s left  "
+            f"{record['family']} {record['label']} {record['impl']} {record['skew']}: {what}",
+            file=self.stream,
+            flush=True,
+        )
+
+
+def _csv(choices):
+    def parse(text):
+        values = [v for v in text.split(",") if v]
+        bad = [v for v in values if v not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {bad}; known: {', '.join(choices)}")
+        return values
+
+    return parse
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m moebench.sweep", description="Run a benchmark profile; write its run."
+    )
+    parser.add_argument("--profile", choices=list(grid.PROFILES), default=None)
+    parser.add_argument("--output", help="run file (default results/<profile>-<machine>/...)")
+    parser.add_argument("--results-dir", default="results")
+    parser.add_argument("--families", type=_csv(grid.FAMILIES), default=list(grid.FAMILIES))
+    parser.add_argument("--impls", type=_csv(grid.IMPLS), default=list(grid.IMPLS))
+    parser.add_argument("--skews", type=_csv(grid.SKEWS), default=list(grid.SKEWS))
+    parser.add_argument("--no-check", action="store_true", help="skip the float64 check")
+    parser.add_argument("--flush-l2", action="store_true", help="cold L2 before each call")
+    parser.add_argument("--cuda-graph", action="store_true", help="time CUDA graph replays")
+    args = parser.parse_args(argv)
+    path = run_profile(
+        args.profile,
+        output=args.output,
+        results_dir=args.results_dir,
+        families=args.families,
+        impls=args.impls,
+        skews=args.skews,
+        check=not args.no_check,
+        flush_l2=args.flush_l2,
+        cuda_graph=args.cuda_graph,
+        progress=Progress(),
+    )
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""`moebench` / `python -m moebench`: the table, progress, and one-line errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+from moebench import cli, sweep
+
+SHAPE = ["--d-model", "32", "--d-ff", "16", "--experts", "8", "--top-k", "2"]
+
+
+def test_compares_impls_and_skews(capsys, tmp_path):
+    out = tmp_path / "run.json"
+    argv = [*SHAPE, "--tokens", "1,16", "--impls", "naive,sorted,padded"]
+    argv += ["--skews", "balanced,collapse", "--repeats", "3", "--check", "--json", str(out)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("custom: D=32 F=16 E=8 K=2 Fs=0, float32 on cpu")
+    header = printed[1].split()
+    assert header[:4] == ["T", "impl", "skew", "time"]
+    for column in ("tokens/s", "TFLOP/s", "max/mean", "imbalance", "dropped"):
+        assert column in header
+    rows = printed[2:]
+    assert len(rows) == 2 * 3 * 2
+    assert rows[0].split()[:3] == ["1", "naive", "balanced"]
+    env, frame = sweep.load_run(out)
+    assert env["profile"] == "cli" and len(frame) == 12
+    assert (frame["rel_err"] < 1e-5).all()
+
+
+def test_preset_shrunk_and_skipped_triton(capsys):
+    argv = ["--preset", "mixtral-8x7b", "--shrink", "64", "--tokens", "4", "--impls", "triton"]
+    assert cli.main([*argv, "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "mixtral-8x7b: D=64 F=224 E=8 K=2" in out
+    assert "skipped: unsupported: triton needs a CUDA device" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--preset", "gpt-5"], "unknown preset 'gpt-5'; valid presets: deepseek-v3"),
+        ([*SHAPE, "--skews", "zipf"], "unknown skew 'zipf'"),
+        ([*SHAPE, "--skews", "hot:2"], "hot needs a number with 0 <= p <= 1"),
+        ([*SHAPE, "--impls", "sorted,fast"], "unknown impl ['fast']; known: naive, padded"),
+        ([*SHAPE, "--dtype", "int8"], "unknown dtype 'int8'"),
+        ([*SHAPE, "--tokens", "0"], "expected positive integers"),
+        (["--d-model", "32"], "give --preset or all of --d-model, --d-ff, --experts, --top-k"),
+        (["--preset", "deepseek-v3", "--experts", "8"], "not both"),
+        (["--d-model", "32", "--d-ff", "16", "--experts", "4", "--top-k", "8"], "top_k=8"),
+        (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    ],
+    ids=["preset", "skew", "skew-arg", "impl", "dtype", "tokens", "shape", "both", "k>e", "flag"],
+)
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("moebench: error: ")
+    assert message in err
+
+
+def test_python_dash_m_runs_the_cli_without_a_traceback():
+    done = subprocess.run(
+        [sys.executable, "-m", "moebench", "--preset", "nope"], capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("moebench: error: unknown preset 'nope'")
+    assert "Traceback" not in done.stderr

@@ -1,0 +1,90 @@
+"""The report: CSV and markdown tables and PNG plots from a real tiny run."""
+
+import pandas as pd
+import pytest
+
+from moebench import report, sweep
+
+
+@pytest.fixture(scope="module")
+def run_file(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results") / "tiny-test" / "run-20260101T000000Z.json"
+    args = ["--profile", "tiny", "--families", "scale-out,models", "--skews", "balanced,collapse"]
+    sweep.main([*args, "--output", str(out)])
+    return out
+
+
+def test_report_writes_tables_and_plots_beside_the_run(run_file):
+    written = report.write_report(run_file)
+    folder = run_file.parent
+    names = {p.relative_to(folder).as_posix() for p in written}
+    assert names == {
+        "summary.csv",
+        "summary.md",
+        "plots/throughput-scale-out.png",
+        "plots/throughput-models.png",
+        "plots/imbalance-scale-out.png",
+        "plots/imbalance-models.png",
+        "plots/peak-memory.png",
+    }
+    for path in written:
+        if path.suffix == ".png":
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    table = pd.read_csv(folder / "summary.csv")
+    _, frame = sweep.load_run(run_file)
+    assert len(table) == len(frame)  # every record, skipped ones included
+    for column in (
+        "time_ms",
+        "tokens_per_s",
+        "useful_tflops",
+        "roofline_fraction",
+        "peak_mib",
+        "imbalance_overhead",
+        "dropped_fraction",
+        "max_over_mean_load",
+        "reason",
+    ):
+        assert column in table.columns
+    ok = table[table["status"] == "ok"]
+    assert (ok["peak_mib"] * 2**20).round().tolist() == frame.loc[
+        frame["status"] == "ok", "peak_bytes"
+    ].tolist()
+
+
+def test_markdown_summary_sections(run_file):
+    env, frame = sweep.load_run(run_file)
+    text = report.markdown(env, frame)
+    assert text.startswith("# moebench: tiny profile on")
+    for heading in (
+        "## scale-out",
+        "## models",
+        "### Balanced routing",
+        "### Load-imbalance overhead",
+        "### Dropped fraction (padded",
+    ):
+        assert heading in text
+    assert "unsupported: triton needs a CUDA device" in text  # the skipped list
+    assert "| E=8 | naive |" in text
+    assert "deepseek-v3/T=16" in text
+    assert f"commit `{env['commit']}`" in text
+
+
+def test_markdown_table_format():
+    table = pd.DataFrame({"point": ["E=8", "E=16"], "time": [1.23456, float("nan")]})
+    assert report.markdown_table(table) == (
+        "| point | time |\n|---|---|\n| E=8 | 1.23 |\n| E=16 | - |"
+    )
+
+
+def test_latest_run_per_folder(tmp_path):
+    for folder, names in {"cpu-a": ["run-1.json", "run-2.json"], "gpu-b": ["run-9.json"]}.items():
+        (tmp_path / folder).mkdir()
+        for name in names:
+            (tmp_path / folder / name).write_text("{}")
+    (tmp_path / "asv").mkdir()
+    assert [p.relative_to(tmp_path).as_posix() for p in report.latest_runs(tmp_path)] == [
+        "cpu-a/run-2.json",
+        "gpu-b/run-9.json",
+    ]
+    assert report.main(["--results-dir", str(tmp_path / "asv")]) == 1

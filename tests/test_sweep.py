@@ -1,0 +1,357 @@
+"""The grid, the sweep runner (records, skips, imbalance) and run files."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import moebench as mb
+from moebench import grid, harness, padded, sweep
+
+FAKE_CEILINGS = harness.Ceilings(matmul_flops=1e12, copy_bytes=1e9, label="fake")
+
+
+# --- the grid ----------------------------------------------------------------------------
+
+
+def test_gpu_scale_out_family():
+    pts = grid.points("scale-out", "gpu")
+    assert [pt.label for pt in pts] == [f"E={2**i}" for i in range(3, 14)]
+    for pt in pts:
+        cfg = pt.cfg
+        assert (cfg.d_model, cfg.d_ff, cfg.top_k, pt.T) == (1024, 512, 8, 4096)
+        assert cfg.dtype == "bfloat16"
+
+
+def test_gpu_iso_params_family_keeps_e_times_f():
+    pts = grid.points("iso-params", "gpu")
+    assert [pt.cfg.num_experts for pt in pts] == [2**i for i in range(3, 14)]
+    assert {pt.cfg.num_experts * pt.cfg.d_ff for pt in pts} == {65536}
+    assert {(pt.cfg.d_model, pt.cfg.top_k, pt.T) for pt in pts} == {(2048, 2, 4096)}
+
+
+def test_gpu_models_family_is_the_presets_at_four_token_counts():
+    pts = grid.points("models", "gpu")
+    assert len(pts) == 16
+    by_label = {pt.label: pt for pt in pts}
+    ds = by_label["deepseek-v3/T=16384"]
+    assert ds.T == 16384
+    assert ds.cfg == mb.preset("deepseek-v3")  # real shape, bf16
+    assert {pt.T for pt in pts} == {1, 64, 4096, 16384}
+
+
+def test_cpu_profile_is_a_labelled_small_copy():
+    p = grid.get_profile("cpu")
+    assert (p.device, p.dtype) == ("cpu", "float32")
+    scale_out = grid.points("scale-out", p)
+    assert scale_out[-1].cfg.num_experts == 1024
+    ds = next(pt for pt in grid.points("models", p) if pt.label.startswith("deepseek-v3"))
+    assert (ds.cfg.d_model, ds.cfg.d_ff, ds.cfg.d_ff_shared) == (7168 // 16, 2048 // 16, 128)
+    assert (ds.cfg.num_experts, ds.cfg.top_k) == (256, 8)
+    assert len(grid.all_points("tiny")) < len(grid.all_points("cpu"))
+
+
+def test_profile_choice(monkeypatch):
+    monkeypatch.setenv("MOEBENCH_PROFILE", "tiny")
+    assert grid.get_profile().name == "tiny"
+    monkeypatch.delenv("MOEBENCH_PROFILE")
+    assert grid.default_profile_name() == ("gpu" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="unknown profile 'huge'; known: gpu, cpu, tiny"):
+        grid.get_profile("huge")
+    with pytest.raises(ValueError, match="unknown family"):
+        grid.points("dense", "tiny")
+
+
+# --- the runner on a fake device -----------------------------------------------------------
+
+
+class LoadTimer:
+    """A fake device on which a call takes (largest expert load) ms, so times are known."""
+
+    label = "fake timer"
+    l2 = "n/a"
+    cost_ms = math.nan
+
+    def prepare(self, fn):
+        return fn
+
+    def samples(self, fn, repeats):
+        out = []
+        for _ in range(repeats):
+            fn()
+            out.append(self.cost_ms)
+        return out
+
+
+def fake_forward(timer, slowdown=None, fail=None):
+    """A layer whose time is the largest expert load (times `slowdown[impl]`), or that
+    raises `fail[impl]`."""
+
+    def forward(x_TD, routing, weights, impl="sorted", *, check=True, stats=None):
+        if fail and impl in fail:
+            raise fail[impl]
+        load = float(torch.bincount(routing.ids.flatten()).max())
+        timer.cost_ms = load * (slowdown or {}).get(impl, 1.0)
+        if stats is not None and impl == "padded":
+            stats["dropped"] = 0
+        return torch.ones_like(x_TD)
+
+    return forward
+
+
+POINT = grid.points("scale-out", "tiny")[0]  # E=8, K=4, T=64: S=256, 32 pairs per expert
+
+
+def run_fake(impls=("naive", "padded", "sorted"), skews=("balanced", "collapse"), **kw):
+    timer = LoadTimer()
+    forward = fake_forward(timer, kw.pop("slowdown", None), kw.pop("fail", None))
+    return sweep.run_points(
+        [POINT],
+        list(impls),
+        list(skews),
+        profile="tiny",
+        timer=timer,
+        ceilings=FAKE_CEILINGS,
+        forward=forward,
+        **kw,
+    )
+
+
+def by_key(records):
+    return {(r["impl"], r["skew"]): r for r in records}
+
+
+def test_records_carry_the_metrics_of_the_fake_device():
+    records = run_fake(repeats=4, warmup=0)
+    assert len(records) == 6
+    assert all(set(sweep.RECORD_FIELDS) <= set(r) for r in records)
+    r = by_key(records)[("sorted", "balanced")]
+    assert r["status"] == "ok" and r["reason"] is None
+    assert (r["T"], r["D"], r["F"], r["E"], r["K"], r["Fs"]) == (64, 32, 16, 8, 4, 0)
+    assert r["time_ms"] == r["p20_ms"] == r["p80_ms"] == 32.0  # 256 pairs / 8 experts
+    assert (r["cv"], r["dtype"]) == (0.0, "float32")
+    flops = 6 * 256 * 32 * 16
+    assert r["flops"] == flops
+    assert r["tokens_per_s"] == pytest.approx(64 / 0.032)
+    assert r["tflops"] == pytest.approx(flops / 0.032 / 1e12)
+    assert r["min_bytes"] == (8 * 3 * 32 * 16 + 2 * 64 * 32) * 4
+    assert r["roofline_fraction"] == pytest.approx(max(flops / 1e12, r["min_bytes"] / 1e9) / 0.032)
+    assert r["peak_bytes"] == 64 * 32 * 4  # the fake's output: torch.ones_like(x)
+    assert r["peak_label"] == harness.CPU_PEAK_LABEL
+    assert r["rel_err"] is None  # check=False
+
+
+def test_imbalance_overhead_and_load_are_relative_to_balanced():
+    records = by_key(run_fake())
+    collapse = records[("naive", "collapse")]
+    assert collapse["time_ms"] == 64.0  # every token on the same 4 experts
+    assert collapse["max_over_mean"] == 2.0
+    assert collapse["touched_experts"] == 4
+    assert collapse["imbalance_overhead"] == pytest.approx(2.0)
+    assert records[("naive", "balanced")]["imbalance_overhead"] == 1.0
+    assert records[("padded", "collapse")]["dropped_fraction"] == 0.0
+    assert records[("sorted", "collapse")]["dropped_fraction"] is None
+
+
+def test_a_planted_slowdown_shows_in_the_times():
+    base = by_key(run_fake())
+    slow = by_key(run_fake(slowdown={"sorted": 1.25}))
+    for skew in ("balanced", "collapse"):
+        ratio = slow[("sorted", skew)]["time_ms"] / base[("sorted", skew)]["time_ms"]
+        assert ratio == pytest.approx(1.25)
+        assert slow[("naive", skew)]["time_ms"] == base[("naive", skew)]["time_ms"]
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (torch.OutOfMemoryError("padded layer: buffers need 9 GiB"), "out of memory: padded layer"),
+        (ValueError("impl 'padded' does not support torch.float64"), "unsupported: impl 'padded'"),
+        (NotImplementedError("no kernel for K=3"), "unsupported: no kernel for K=3"),
+        (RuntimeError("CUDA error: misaligned address"), "failed: RuntimeError: CUDA error"),
+    ],
+    ids=["oom", "value-error", "not-implemented", "other-error"],
+)
+def test_a_failing_point_is_skipped_with_its_reason_and_the_sweep_goes_on(error, reason):
+    records = run_fake(fail={"padded": error})
+    for r in records:
+        if r["impl"] == "padded":
+            assert r["status"] == "skipped"
+            assert r["reason"].startswith(reason)
+            assert r["time_ms"] is None and r["imbalance_overhead"] is None
+        else:
+            assert r["status"] == "ok"
+            assert r["time_ms"] > 0
+
+
+def test_padded_capacity_oom_from_the_real_layer_is_skipped(monkeypatch):
+    def no_room(nbytes, device):
+        raise torch.OutOfMemoryError(f"padded layer: capacity buffers need {nbytes} bytes")
+
+    monkeypatch.setattr(padded, "_check_fits", no_room)
+    records = sweep.run_points(
+        [POINT], ["padded", "sorted"], ["balanced"], profile="tiny", ceilings=FAKE_CEILINGS
+    )
+    pad, srt = records
+    assert pad["status"] == "skipped"
+    assert pad["reason"].startswith("out of memory: padded layer: capacity buffers need")
+    assert srt["status"] == "ok"
+
+
+def test_weights_that_do_not_fit_skip_the_whole_point(monkeypatch):
+    monkeypatch.setattr(sweep, "_free_memory", lambda device: 1000)
+    records = run_fake()
+    assert {r["status"] for r in records} == {"skipped"}
+    assert records[0]["reason"].startswith("out of memory: weights need")
+
+
+def test_triton_is_skipped_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    (r,) = run_fake(impls=["triton"], skews=["balanced"])
+    assert r["status"] == "skipped"
+    assert r["reason"] == "unsupported: triton needs a CUDA device"
+
+
+def test_weights_are_generated_once_per_point(monkeypatch):
+    calls = []
+    original = mb.ExpertWeights.random.__func__
+
+    def counting(cls, *args, **kwargs):
+        calls.append(1)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(mb.ExpertWeights, "random", classmethod(counting))
+    pts = grid.points("scale-out", "tiny")[:2]
+    sweep.run_points(
+        pts,
+        ["naive", "sorted"],
+        ["balanced", "random", "collapse"],
+        profile="tiny",
+        timer=LoadTimer(),
+        ceilings=FAKE_CEILINGS,
+        forward=fake_forward(LoadTimer()),
+    )
+    assert len(calls) == len(pts)
+
+
+def test_real_layers_on_the_tiny_profile():
+    records = sweep.run_points(
+        [POINT], list(grid.IMPLS), ["balanced", "zipf:1.2"], profile="tiny", check=True
+    )
+    ran = [r for r in records if r["status"] == "ok"]
+    assert {r["impl"] for r in ran} >= {"naive", "padded", "sorted"}
+    for r in ran:
+        assert r["p20_ms"] <= r["time_ms"] <= r["p80_ms"]
+        assert r["repeats"] >= 1 and r["peak_bytes"] > 0
+        assert r["rel_err"] < 1e-5  # fp32 on the CPU against float64
+        assert (r["dropped_fraction"] is not None) == (r["impl"] == "padded")
+    zipf_padded = by_key(records)[("padded", "zipf:1.2")]
+    assert 0 < zipf_padded["dropped_fraction"] < 1  # capacity factor 1.25 under a skew
+
+
+def test_progress_is_reported_for_each_record():
+    seen = []
+    run_fake(progress=lambda done, total, r: seen.append((done, total, r["impl"])))
+    assert [s[0] for s in seen] == list(range(1, 7))
+    assert {s[1] for s in seen} == {6}
+
+
+def test_progress_printer_stays_quiet_on_short_runs(capsys):
+    now = [0.0]
+    progress = sweep.Progress(after_s=2.0, clock=lambda: now[0])
+    record = {"family": "f", "label": "E=8", "impl": "naive", "skew": "balanced"}
+    now[0] = 1.0
+    progress(1, 4, {**record, "status": "ok", "time_ms": 1.5})
+    assert capsys.readouterr().err == ""
+    now[0] = 3.0
+    progress(2, 4, {**record, "status": "skipped", "reason": "out of memory: x"})
+    err = capsys.readouterr().err
+    assert "[2/4]" in err and "~3s left" in err and "out of memory: x" in err
+
+
+# --- run files ----------------------------------------------------------------------------
+
+
+ENV = {"profile": "tiny", "machine": "test-box", "commit": "0" * 40}
+
+
+def test_run_file_round_trip_turns_nan_into_null(tmp_path):
+    records = run_fake()
+    records[0]["cv"] = math.nan
+    path = sweep.write_run(tmp_path / "run.json", ENV, records)
+    raw = json.loads(path.read_text())
+    assert raw["profile"] == "tiny" and raw["env"] == ENV
+    assert raw["records"][0]["cv"] is None
+    env, frame = sweep.load_run(path)
+    assert env == ENV
+    assert len(frame) == 6
+    assert set(sweep.RECORD_FIELDS) <= set(frame.columns)
+    assert list(frame["impl"][:3]) == ["naive", "padded", "sorted"]
+
+
+def test_a_failed_write_leaves_the_previous_run_and_no_temporary_file(tmp_path):
+    path = sweep.write_run(tmp_path / "run.json", ENV, run_fake())
+    before = path.read_text()
+    with pytest.raises(TypeError):
+        sweep.write_run(path, ENV, [{"family": object()}])
+    assert path.read_text() == before
+    assert os.listdir(tmp_path) == ["run.json"]
+
+
+def test_the_run_file_appears_by_rename_from_its_own_directory(tmp_path, monkeypatch):
+    renames = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        renames.append((os.path.dirname(src), os.path.dirname(dst)))
+        with open(src) as f:
+            assert json.load(f)["profile"] == "tiny"  # complete before the rename
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    sweep.write_run(tmp_path / "sub" / "run.json", ENV, [])
+    assert renames == [(str(tmp_path / "sub"), str(tmp_path / "sub"))]
+
+
+def test_run_path_names_profile_and_machine(tmp_path):
+    path = sweep.run_path(tmp_path, ENV)
+    assert path.parent == tmp_path / "tiny-test-box"
+    assert path.name.startswith("run-") and path.suffix == ".json"
+
+
+# --- what asv reads ------------------------------------------------------------------------
+
+
+def test_asv_records_and_lookup(tmp_path, monkeypatch):
+    records = run_fake(fail={"padded": torch.OutOfMemoryError("no room")})
+    path = sweep.write_run(tmp_path / "run.json", ENV, records)
+    monkeypatch.setenv("MOEBENCH_RUN", str(path))
+    cache = sweep.asv_records(grid.get_profile("tiny"), tmp_path)
+    assert len(cache) == 6
+    ok = sweep.asv_lookup(cache, "scale-out", "E=8", "sorted", "collapse", ("time_ms",))
+    assert ok["time_ms"] == 64.0
+    with pytest.raises(NotImplementedError, match="out of memory: no room"):
+        sweep.asv_lookup(cache, "scale-out", "E=8", "padded", "collapse", ("time_ms",))
+    with pytest.raises(NotImplementedError, match="dropped_fraction not measured"):
+        sweep.asv_lookup(cache, "scale-out", "E=8", "sorted", "collapse", ("dropped_fraction",))
+    with pytest.raises(NotImplementedError, match="not in this run"):
+        sweep.asv_lookup(cache, "scale-out", "E=16", "sorted", "collapse", ("time_ms",))
+    with pytest.raises(ValueError, match="'tiny' run; the suites were built for profile 'cpu'"):
+        sweep.asv_records(grid.get_profile("cpu"), tmp_path)
+
+
+def test_sweep_command_writes_a_run_of_the_profile(tmp_path, capsys):
+    out = tmp_path / "run.json"
+    args = ["--profile", "tiny", "--families", "scale-out", "--impls", "sorted,padded"]
+    args += ["--skews", "balanced,collapse", "--output", str(out)]
+    assert sweep.main(args) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    env, frame = sweep.load_run(out)
+    assert env["profile"] == "tiny" and env["duration_s"] > 0
+    assert env["ceilings"]["matmul_flops"] > 0
+    assert env["torch_threads"] == 1  # the tiny profile's
+    assert len(frame) == 3 * 2 * 2
+    assert set(frame["status"]) == {"ok"}
