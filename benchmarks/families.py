@@ -121,3 +121,13 @@ class ModelsImbalance(_Imbalance):
 class ModelsDropped(_Dropped):
     family = "models"
     params = _params(family, impls=["padded"])
+
+
+class SonicMoE(_Time):
+    family = "sonicmoe"
+    params = _params(family)
+
+
+class SonicMoEImbalance(_Imbalance):
+    family = "sonicmoe"
+    params = _params(family, skews=UNBALANCED)

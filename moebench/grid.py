@@ -21,7 +21,7 @@ import torch
 
 from .config import PRESETS, MoEConfig
 
-FAMILIES = ("scale-out", "iso-params", "models")
+FAMILIES = ("scale-out", "iso-params", "models", "sonicmoe")
 SKEWS = ("balanced", "random", "zipf:1.2", "hot:0.5", "collapse")
 IMPLS = ("naive", "padded", "sorted", "triton")
 
@@ -189,6 +189,16 @@ def points(family: str, profile: str | Profile | None = None) -> list[Point]:
             Point(family, f"{name}/T={T}", shrink(cfg, p.model_shrink, p.dtype), T)
             for name, cfg in PRESETS.items()
             for T in p.model_tokens
+        ]
+    if family == "sonicmoe":
+        # The shapes of SonicMoE's published H100 figures (D=4096, T=32768 on the GPU), the
+        # triton layer's throughput target; scaled like the presets on other profiles.
+        shapes = ((1024, 64, 4), (256, 256, 16))
+        cfgs = [MoEConfig(d_model=4096, d_ff=F, num_experts=E, top_k=K) for F, E, K in shapes]
+        cfgs = [shrink(cfg, p.model_shrink, p.dtype) for cfg in cfgs]
+        return [
+            Point(family, f"E={c.num_experts}/F={c.d_ff}/K={c.top_k}", c, 8 * p.tokens)
+            for c in cfgs
         ]
     raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
 

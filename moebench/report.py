@@ -22,7 +22,7 @@ matplotlib.use("Agg")  # files only; never open a window
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from . import grid
+from . import grid, targets
 from .sweep import load_run
 
 COLORS = {"naive": "tab:gray", "padded": "tab:orange", "sorted": "tab:blue", "triton": "tab:red"}
@@ -298,7 +298,7 @@ def write_report(run_path) -> list[Path]:
     plots.mkdir(exist_ok=True)
     written = [out_dir / "summary.csv", out_dir / "summary.md"]
     summary(frame).to_csv(written[0], index=False)
-    written[1].write_text(markdown(env, frame))
+    written[1].write_text(markdown(env, frame) + "\n" + targets.markdown(env, frame))
     ok = frame[frame["status"] == "ok"]
     for family in dict.fromkeys(ok["family"]):
         path = plots / f"throughput-{family}.png"

@@ -1,0 +1,126 @@
+"""The fused Triton layer's performance targets, checked against one benchmark run.
+
+    python -m moebench.targets RUN.json
+
+The targets are those of an H100 in bf16 (forward); on another profile the table is still
+computed, labelled with the run's profile, so the same script answers on any machine:
+1. useful TFLOP/s >= 550 on SonicMoE's shape (T=32768, D=4096, F=1024, E=64, K=4);
+2. triton time <= sorted time at every scale-out, iso-params and models point and skew;
+3. fraction of roofline >= 0.6 at every scale-out and iso-params point;
+4. decode (T <= 64, models): touched-expert weight bytes / time >= 0.7 x measured copy
+   bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import pandas as pd
+
+from .config import torch_dtype
+from .sweep import load_run
+
+SONIC_TFLOPS = 550.0
+ROOFLINE = 0.6
+DECODE_BANDWIDTH = 0.7
+DECODE_MAX_TOKENS = 64
+
+
+def _verdict(target: str, required: str, points: pd.DataFrame, value: pd.Series, met: pd.Series):
+    """One target's row: the worst point decides (the lowest value; all values are
+    "higher is better")."""
+    if points.empty:
+        return {"target": target, "required": required, "worst": None, "at": "no points",
+                "points": 0, "met": None}  # fmt: skip
+    worst = value.idxmin()
+    at = points.loc[worst]
+    return {
+        "target": target,
+        "required": required,
+        "worst": float(value.loc[worst]),
+        "at": f"{at['family']} {at['label']} {at['skew']}",
+        "points": len(points),
+        "met": bool(met.all()),
+    }
+
+
+def _weight_bytes(rows: pd.DataFrame) -> pd.Series:
+    itemsize = rows["dtype"].map(lambda name: torch_dtype(name).itemsize)
+    per_expert = 3 * rows["D"] * rows["F"]
+    return (rows["touched_experts"] * per_expert + 3 * rows["D"] * rows["Fs"]) * itemsize
+
+
+def evaluate(env: dict, frame: pd.DataFrame) -> pd.DataFrame:
+    """The four targets for the triton layer of one run: worst value, where, met or not
+    (None where the run has no triton point for it)."""
+    ok = frame[frame["status"] == "ok"].reset_index(drop=True)
+    tri = ok[ok["impl"] == "triton"]
+    rows = []
+
+    sonic = tri[(tri["family"] == "sonicmoe") & (tri["E"] == 64) & (tri["skew"] == "random")]
+    rows.append(
+        _verdict(
+            "SonicMoE shape, useful TFLOP/s",
+            f">= {SONIC_TFLOPS:g}",
+            sonic,
+            sonic["tflops"],
+            sonic["tflops"] >= SONIC_TFLOPS,
+        )
+    )
+
+    key = ["family", "label", "skew"]
+    families = ["scale-out", "iso-params", "models"]
+    srt = ok[ok["impl"] == "sorted"][[*key, "time_ms"]]
+    both = tri[tri["family"].isin(families)].merge(srt, on=key, suffixes=("", "_sorted"))
+    speedup = both["time_ms_sorted"] / both["time_ms"]
+    rows.append(_verdict("speed vs sorted (x)", ">= 1.0", both, speedup, speedup >= 1.0))
+
+    grids = tri[tri["family"].isin(["scale-out", "iso-params"])]
+    frac = grids["roofline_fraction"]
+    rows.append(_verdict("fraction of roofline", f">= {ROOFLINE:g}", grids, frac, frac >= ROOFLINE))
+
+    decode = tri[(tri["family"] == "models") & (tri["T"] <= DECODE_MAX_TOKENS)]
+    copy_bw = (env.get("ceilings") or {}).get("copy_bytes")
+    bandwidth = _weight_bytes(decode) / (decode["time_ms"] * 1e-3) / copy_bw if copy_bw else None
+    rows.append(
+        _verdict(
+            "decode weight bandwidth / copy bandwidth",
+            f">= {DECODE_BANDWIDTH:g}",
+            decode if copy_bw else decode.iloc[:0],
+            bandwidth,
+            bandwidth >= DECODE_BANDWIDTH if copy_bw else None,
+        )
+    )
+    return pd.DataFrame(rows)
+
+
+def markdown(env: dict, frame: pd.DataFrame) -> str:
+    table = evaluate(env, frame)
+    lines = [
+        f"Targets of the triton layer (set for an H100 in bf16; this run: profile "
+        f"{env.get('profile')}, {env.get('gpu') or env.get('cpu')})",
+        "",
+        "| target | required | worst | at | points | met |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in table.itertuples():
+        worst = "-" if row.worst is None or pd.isna(row.worst) else f"{row.worst:.3g}"
+        met = {True: "yes", False: "**no**"}.get(row.met, "not measured")
+        lines.append(
+            f"| {row.target} | {row.required} | {worst} | {row.at} | {row.points} | {met} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moebench.targets", description=__doc__)
+    parser.add_argument("run", help="a run file written by `nox -s bench`")
+    args = parser.parse_args(argv)
+    env, frame = load_run(args.run)
+    print(markdown(env, frame))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
