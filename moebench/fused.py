@@ -1,4 +1,4 @@
-"""The `triton` MoE layer: two Triton kernels over a tile schedule of expert-sorted rows.
+"""The `triton` MoE layer: Triton kernels over a tile schedule of expert-sorted rows.
 
 The S token-expert pairs are stable-sorted by expert on the device and cut into tiles of
 BLOCK_M sorted rows, each tile belonging to one expert; only experts that received tokens
@@ -9,19 +9,33 @@ with shapes known from the input shapes alone: no host synchronisation, so the l
 captured in a CUDA graph. The grid has room for the most tiles any routing can produce,
 cdiv(S, BLOCK_M) + min(E, S); programs past the real tile count exit at once.
 
-Kernel 1 gathers each tile's rows of x straight from the unsorted input (token = pair // K,
-no permuted copy of x), computes the gate and up projections in one pass over D and stores
-h = silu(gate) * up in sorted row order. Kernel 2 multiplies h by the expert's down
-projection, scales each row by its routing weight and combines: fp32 atomic adds into the
-output by default; with `deterministic=True` each pair's row is stored in pair order and the
-K rows of a token are summed by torch in a fixed order, so the result is bitwise
-reproducible. With K == 1 a token has a single row, which is stored straight into the output.
+Forward. Kernel 1 gathers each tile's rows of x straight from the unsorted input
+(token = pair // K, no permuted copy of x), computes the gate and up projections in one pass
+over D and stores h = silu(gate) * up in sorted row order. Kernel 2 multiplies h by the
+expert's down projection, scales each row by its routing weight and combines: fp32 atomic
+adds into the output by default; with `deterministic=True` each pair's row is stored in pair
+order and the K rows of a token are summed by torch in a fixed order, so the result is
+bitwise reproducible. With K == 1 a token has a single row, which is stored straight into
+the output.
+
+Backward, over the forward's schedule, from the saved h (gate and up are recomputed rather
+than stored: they would cost [S, 2F] of activation memory for one extra pass over D).
+Kernel 3 recomputes gate and up, computes g = dy[t] @ down[e] on the same tile, and writes
+dgate, dup = SwiGLU'(w * g) in sorted row order, plus dw[t, j] = <dy[t], down[e] @ h> =
+<g, h>, one partial sum per F block (reduced by torch, so always deterministic). dx is
+kernel 2 run on [dgate, dup] through the transposed gate_up, with the same combine modes.
+Kernel 4 computes the weight gradients: a program owns an output tile of one expert and
+reduces over that expert's sorted rows, so every expert, idle ones included, gets every
+element written (zeros where it received no token) and no atomics are needed.
+The kernels are wrapped in two `torch.library.custom_op`s with `register_autograd`, so that
+`torch.compile` traces the layer with the ops as single graph nodes.
 
 Two paths share the kernels. `decode` (T <= DECODE_MAX_TOKENS) uses tiles of 16 rows and
 narrow, deep blocks so that many programs stream the touched experts' weights once; it is
 bound by reading those weights. `prefill` sizes BLOCK_M to the expected rows per expert and
-uses wide blocks with a grouped tile order for L2 reuse. Both autotune on (E, D, F, K, a
-power-of-two token bucket); under TRITON_INTERPRET=1 one small fixed config is used.
+uses wide blocks with a grouped tile order for L2 reuse. All kernels autotune on the problem
+sizes and a power-of-two token (or pair) bucket; under TRITON_INTERPRET=1 one small fixed
+config is used.
 
 T tokens, D model width, F expert hidden width, E experts, K experts per token,
 S = T*K token-expert pairs, N tile slots in the schedule.
@@ -105,8 +119,8 @@ def _down_kernel(
     h_ptr, w_ptr, y_ptr, order_ptr, routing_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
     D, F, K, E, T_BUCKET, num_tiles,
     stride_hs, stride_hf, stride_we, stride_wd, stride_wf, stride_yr, stride_yd,
-    ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_SIZE_M: tl.constexpr,
+    WEIGHTED: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
 ):  # fmt: skip
     i_m, i_n = _tile_coords(tl.program_id(0), num_tiles, (D + BLOCK_N - 1) // BLOCK_N, GROUP_SIZE_M)
     row_start = tl.load(tile_start_ptr + i_m)
@@ -133,7 +147,8 @@ def _down_kernel(
         p_h += BLOCK_K * stride_hf
         p_w += BLOCK_K * stride_wf
 
-    b_y *= tl.load(routing_ptr + o_p, mask=m_m, other=0.0).to(tl.float32)[:, None]
+    if WEIGHTED:
+        b_y *= tl.load(routing_ptr + o_p, mask=m_m, other=0.0).to(tl.float32)[:, None]
     m_y = m_m[:, None] & m_n[None, :]
     if ATOMIC:
         p_y = y_ptr + (o_p // K)[:, None] * stride_yr + o_n[None, :] * stride_yd
@@ -143,11 +158,130 @@ def _down_kernel(
         tl.store(p_y, b_y.to(y_ptr.dtype.element_ty), mask=m_y)
 
 
+@triton.jit
+def _swiglu_backward_kernel(
+    x_ptr, dy_ptr, w1_ptr, w2_ptr, routing_ptr, dgu_ptr, dw_ptr, order_ptr, tile_expert_ptr,
+    tile_start_ptr, tile_end_ptr,
+    D, F, K, E, T_BUCKET, num_tiles,
+    stride_xt, stride_xd, stride_dyt, stride_dyd, stride_w1e, stride_w1f, stride_w1d,
+    stride_w2e, stride_w2d, stride_w2f, stride_gs, stride_gf, stride_dwn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_SIZE_M: tl.constexpr,
+):  # fmt: skip
+    # int64 index math: done once per program, so free when compiled, while the interpreter
+    # spends about a quarter of this kernel's time checking int32 products for overflow.
+    pid = tl.program_id(0).to(tl.int64)
+    i_m, i_n = _tile_coords(pid, num_tiles, (F + BLOCK_N - 1) // BLOCK_N, GROUP_SIZE_M)
+    row_start = tl.load(tile_start_ptr + i_m)
+    row_end = tl.load(tile_end_ptr + i_m)
+    if row_start >= row_end:
+        return
+    i_e = tl.load(tile_expert_ptr + i_m)
+
+    o_m = row_start + tl.arange(0, BLOCK_M)
+    m_m = o_m < row_end
+    o_p = tl.load(order_ptr + o_m, mask=m_m, other=0)
+    o_t = o_p // K
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < F
+    o_k = tl.arange(0, BLOCK_K).to(tl.int64)
+
+    # One pass over D feeds three products that share the rows of x and dy: gate and up
+    # (recomputed) and g = dy @ down[e], the gradient of h before the routing weight.
+    p_x = x_ptr + o_t[:, None] * stride_xt + o_k[None, :] * stride_xd
+    p_dy = dy_ptr + o_t[:, None] * stride_dyt + o_k[None, :] * stride_dyd
+    p_gate = w1_ptr + i_e * stride_w1e + o_n[None, :] * stride_w1f + o_k[:, None] * stride_w1d
+    p_up = p_gate + F * stride_w1f
+    p_down = w2_ptr + i_e * stride_w2e + o_k[:, None] * stride_w2d + o_n[None, :] * stride_w2f
+    b_gate = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+    b_up = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+    b_g = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+    for k in range(0, D, BLOCK_K):
+        m_k = o_k < D - k
+        m_rows = m_m[:, None] & m_k[None, :]
+        m_cols = m_k[:, None] & m_n[None, :]
+        b_x = tl.load(p_x, mask=m_rows, other=0.0)
+        b_dy = tl.load(p_dy, mask=m_rows, other=0.0)
+        b_gate += tl.dot(b_x, tl.load(p_gate, mask=m_cols, other=0.0), input_precision="ieee")
+        b_up += tl.dot(b_x, tl.load(p_up, mask=m_cols, other=0.0), input_precision="ieee")
+        b_g += tl.dot(b_dy, tl.load(p_down, mask=m_cols, other=0.0), input_precision="ieee")
+        p_x += BLOCK_K * stride_xd
+        p_dy += BLOCK_K * stride_dyd
+        p_gate += BLOCK_K * stride_w1d
+        p_up += BLOCK_K * stride_w1d
+        p_down += BLOCK_K * stride_w2d
+
+    b_sig = 1.0 / (1.0 + tl.exp(-b_gate))
+    b_silu = b_gate * b_sig
+    # <dy[t], down[e] @ h> = <g, h>: this F block's share of the routing weight's gradient;
+    # padding rows and columns hold zeros and add nothing.
+    tl.store(dw_ptr + i_n * stride_dwn + o_p, tl.sum(b_g * b_silu * b_up, axis=1), mask=m_m)
+    b_dh = b_g * tl.load(routing_ptr + o_p, mask=m_m, other=0.0).to(tl.float32)[:, None]
+    b_dgate = b_dh * b_up * b_sig * (1.0 + b_gate * (1.0 - b_sig))
+    b_dup = b_dh * b_silu
+    p_dgu = dgu_ptr + o_m[:, None] * stride_gs + o_n[None, :] * stride_gf
+    m_dgu = m_m[:, None] & m_n[None, :]
+    tl.store(p_dgu, b_dgate.to(dgu_ptr.dtype.element_ty), mask=m_dgu)
+    tl.store(p_dgu + F * stride_gf, b_dup.to(dgu_ptr.dtype.element_ty), mask=m_dgu)
+
+
+@triton.jit
+def _expert_grad_kernel(
+    a_ptr, b_ptr, out_ptr, order_ptr, routing_ptr, offsets_ptr,
+    N, C, K, E, S_BUCKET,
+    stride_as, stride_an, stride_bs, stride_bc, stride_oe, stride_on, stride_oc,
+    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, WEIGHTED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # out[e] [N, C] = a_rows^T @ b_rows over expert e's sorted rows. The reduction runs over
+    # rows, so each program owns one output tile and loops; an idle expert's loop is empty
+    # and its program stores zeros, which is what makes its gradient exactly zero.
+    num_blocks_n = (N + BLOCK_N - 1) // BLOCK_N
+    num_blocks_c = (C + BLOCK_C - 1) // BLOCK_C
+    # int64 from the program id on: E * N * C, the size of the output, can pass 2^31.
+    pid = tl.program_id(0).to(tl.int64)
+    i_e = pid // (num_blocks_n * num_blocks_c)
+    i_n = pid % (num_blocks_n * num_blocks_c) // num_blocks_c
+    i_c = pid % num_blocks_c
+    row_start = tl.load(offsets_ptr + i_e)
+    row_end = tl.load(offsets_ptr + i_e + 1)
+
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    p_a_cols = a_ptr + o_n[:, None] * stride_an
+    p_b_cols = b_ptr + o_c[None, :] * stride_bc
+    b_out = tl.full((BLOCK_N, BLOCK_C), 0.0, dtype=tl.float32)
+    for m in range(row_start, row_end, BLOCK_M):
+        o_m = m + tl.arange(0, BLOCK_M)
+        m_m = o_m < row_end
+        # Sorted rows index h and [dgate, dup]; x and dy are gathered by token.
+        o_p = tl.load(order_ptr + o_m, mask=m_m, other=0)
+        o_a = o_m
+        if GATHER_A:
+            o_a = o_p // K
+        o_b = o_m
+        if GATHER_B:
+            o_b = o_p // K
+        p_a = p_a_cols + o_a[None, :] * stride_as
+        b_a = tl.load(p_a, mask=m_n[:, None] & m_m[None, :], other=0.0)
+        if WEIGHTED:
+            b_w = tl.load(routing_ptr + o_p, mask=m_m, other=0.0).to(tl.float32)
+            b_a = (b_a.to(tl.float32) * b_w[None, :]).to(a_ptr.dtype.element_ty)
+        p_b = p_b_cols + o_b[:, None] * stride_bs
+        b_b = tl.load(p_b, mask=m_m[:, None] & m_c[None, :], other=0.0)
+        b_out += tl.dot(b_a, b_b, input_precision="ieee")
+
+    p_out = out_ptr + i_e * stride_oe + o_n[:, None] * stride_on + o_c[None, :] * stride_oc
+    tl.store(p_out, b_out.to(out_ptr.dtype.element_ty), mask=m_n[:, None] & m_c[None, :])
+
+
 def _configs(path):
-    """Autotune search space of one path (the same for both kernels)."""
+    """Autotune search space of one path for the two forward kernels."""
     if _INTERPRET:
         # Small blocks so that test shapes cross block edges; no tuning under the interpreter.
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16, "GROUP_SIZE_M": 4})]
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_SIZE_M": 4})]
     if path == "decode":
         # Few rows: many programs with narrow N blocks and deep K blocks stream the weights.
         return [
@@ -166,22 +300,62 @@ def _configs(path):
     ]  # fmt: skip
 
 
+def _swiglu_backward_configs(path):
+    """Kernel 3 streams five operands and holds three accumulators: narrower, shallower blocks."""
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_SIZE_M": 4})]
+    g = 1 if path == "decode" else 8
+    return [
+        triton.Config({"BLOCK_N": n, "BLOCK_K": k, "GROUP_SIZE_M": g}, num_warps=w, num_stages=s)
+        for n, k, w, s in (
+            (32, 64, 4, 3), (32, 128, 4, 2), (64, 32, 4, 3), (64, 64, 4, 3),
+            (64, 64, 8, 3), (64, 32, 8, 4), (128, 32, 8, 3),
+        )
+    ]  # fmt: skip
+
+
+def _expert_grad_configs():
+    """Kernel 4: output tiles of one expert's weight gradient, BLOCK_M rows per step."""
+    if _INTERPRET:
+        # One output tile per expert at the training test's sizes (its slowest part); the
+        # row loop still crosses BLOCK_M, and test_fused has weights wider than 64.
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_C": 64})]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_C": c}, num_warps=w, num_stages=s)
+        for m, n, c, w, s in (
+            (32, 64, 64, 4, 3), (32, 128, 64, 4, 3), (32, 64, 128, 4, 3), (64, 128, 128, 8, 3),
+            (32, 128, 128, 8, 4), (64, 64, 64, 4, 4), (16, 64, 64, 4, 4),
+        )
+    ]  # fmt: skip
+
+
 _KEY = ["E", "D", "F", "K", "T_BUCKET"]
 _GATE_UP = {p: triton.autotune(_configs(p), key=_KEY)(_gate_up_kernel) for p in PATHS}
 # Benchmarking a config adds into y; restoring it keeps the tuned call's result exact.
 _DOWN = {
     p: triton.autotune(_configs(p), key=_KEY, restore_value=["y_ptr"])(_down_kernel) for p in PATHS
 }
+_SWIGLU_BACKWARD = {
+    p: triton.autotune(_swiglu_backward_configs(p), key=_KEY)(_swiglu_backward_kernel)
+    for p in PATHS
+}
+# One tuner per weight: the two gradients have different operand layouts.
+_EXPERT_GRAD = {
+    w: triton.autotune(_expert_grad_configs(), key=["E", "N", "C", "S_BUCKET"])(_expert_grad_kernel)
+    for w in ("gate_up", "down")
+}
 
 
 class TileSchedule(NamedTuple):
     """Pairs sorted by expert, cut into tiles of at most BLOCK_M rows of one expert.
 
-    Tile n covers sorted rows [start_N[n], end_N[n]) of expert expert_N[n]; slots past the
-    real tile count have start == end == 0.
+    Expert e owns sorted rows [offsets_E1[e], offsets_E1[e + 1]). Tile n covers sorted rows
+    [start_N[n], end_N[n]) of expert expert_N[n]; slots past the real tile count have
+    start == end == 0.
     """
 
     order_S: torch.Tensor  # [S] pair index t*K + j of each sorted row, stable within an expert
+    offsets_E1: torch.Tensor  # [E + 1] first sorted row of each expert, then S
     expert_N: torch.Tensor  # [N] expert of each tile slot
     start_N: torch.Tensor  # [N] first sorted row of each tile slot
     end_N: torch.Tensor  # [N] one past its last sorted row
@@ -207,7 +381,20 @@ def tile_schedule(ids_TK, num_experts, block_m):
     end_N = torch.minimum(offsets_E1[expert_N + 1], start_N + block_m)
     start_N = torch.where(real_N, start_N, 0)
     end_N = torch.where(real_N, end_N, 0)
-    return TileSchedule(order_S, expert_N, start_N, end_N)
+    return TileSchedule(order_S, offsets_E1, expert_N, start_N, end_N)
+
+
+def _trimmed(schedule):
+    """Under the interpreter, drop the empty tile slots past the real ones.
+
+    The interpreter runs every program in Python, empty slots too; on the CPU the host sync
+    that finds the real tile count is free. Compiled kernels keep the sync-free full grid.
+    """
+    if not _INTERPRET:
+        return schedule
+    real = int(schedule.end_N.count_nonzero())
+    expert_N, start_N, end_N = (t[:real] for t in schedule[2:])
+    return schedule._replace(expert_N=expert_N, start_N=start_N, end_N=end_N)
 
 
 def _grid(num_tiles, width):
@@ -229,31 +416,88 @@ def gate_up_swiglu(x_TD, gate_up_E2FD, schedule, top_k, path, t_bucket, block_m)
     return h_SF
 
 
-def down_combine(h_SF, down_EDF, weights_TK, schedule, out_TD, path, t_bucket, block_m,
+def _combine_mode(top_k, deterministic):
+    if top_k == 1:
+        return "store-direct"
+    if deterministic:
+        return "store-pairs"
+    return "atomic"
+
+
+def down_combine(h_SF, down_EDF, weights_S, schedule, out_TD, top_k, path, t_bucket, block_m,
                  deterministic):  # fmt: skip
-    """out[t] = sum_j weights[t, j] * down[e] @ h[row of (t, j)]; writes every element of out."""
+    """out[t] = sum_j weights[t*K + j] * down[e] @ h[row of (t, j)]; writes every element of out.
+
+    weights_S None means unweighted (the input gradient through the transposed gate_up).
+    """
     E, D, F = down_EDF.shape
-    T, K = weights_TK.shape
-    assert h_SF.shape == (T * K, F) and out_TD.shape == (T, D), "shapes of h, down, out disagree"
-    if K == 1:
-        y, atomic, combine = out_TD, False, "store-direct"
-    elif deterministic:
-        y, atomic, combine = out_TD.new_empty(T * K, D, dtype=torch.float32), False, "store-pairs"
+    T, S = out_TD.shape[0], h_SF.shape[0]
+    assert T * top_k == S and h_SF.shape[1] == F and out_TD.shape[1] == D, "shapes disagree"
+    combine = _combine_mode(top_k, deterministic)
+    if combine == "store-direct":
+        y = out_TD
+    elif combine == "store-pairs":
+        y = out_TD.new_empty(S, D, dtype=torch.float32)
     elif out_TD.dtype == torch.float32:
-        y, atomic, combine = out_TD.zero_(), True, "atomic"
+        y = out_TD.zero_()
     else:
-        y, atomic, combine = out_TD.new_zeros(T, D, dtype=torch.float32), True, "atomic"
+        y = out_TD.new_zeros(T, D, dtype=torch.float32)
     num_tiles = schedule.expert_N.numel()
     _DOWN[path][_grid(num_tiles, D)](
-        h_SF, down_EDF, y, schedule.order_S, weights_TK.reshape(-1), schedule.expert_N,
-        schedule.start_N, schedule.end_N, D, F, K, E, t_bucket, num_tiles, *h_SF.stride(),
-        *down_EDF.stride(), *y.stride(), ATOMIC=atomic, BLOCK_M=block_m,
+        h_SF, down_EDF, y, schedule.order_S, weights_S, schedule.expert_N, schedule.start_N,
+        schedule.end_N, D, F, top_k, E, t_bucket, num_tiles, *h_SF.stride(), *down_EDF.stride(),
+        *y.stride(), WEIGHTED=weights_S is not None, ATOMIC=combine == "atomic", BLOCK_M=block_m,
     )  # fmt: skip
     if combine == "store-pairs":
-        out_TD.copy_(y.view(T, K, D).sum(1))
+        out_TD.copy_(y.view(T, top_k, D).sum(1))
     elif y is not out_TD:
         out_TD.copy_(y)
     return combine
+
+
+def swiglu_backward(dy_TD, x_TD, weights_TK, gate_up_E2FD, down_EDF, schedule, path, t_bucket,
+                    block_m):  # fmt: skip
+    """([dgate, dup] [S, 2F] in sorted rows, x's dtype; dweights [T, K] in the weights' dtype)."""
+    E, D, F = down_EDF.shape
+    T, K = weights_TK.shape
+    S = T * K
+    dgu_S2F = x_TD.new_empty(S, 2 * F)
+    # One partial row per F block; the tuned BLOCK_N is known only after the launch, so
+    # allocate for the narrowest config and sum the rows the chosen one wrote.
+    min_block_n = min(c.kwargs["BLOCK_N"] for c in _SWIGLU_BACKWARD[path].configs)
+    dw_partial = x_TD.new_empty(triton.cdiv(F, min_block_n), S, dtype=torch.float32)
+    num_tiles = schedule.expert_N.numel()
+    kernel = _SWIGLU_BACKWARD[path]
+    kernel[_grid(num_tiles, F)](
+        x_TD, dy_TD, gate_up_E2FD, down_EDF, weights_TK.reshape(-1), dgu_S2F, dw_partial,
+        schedule.order_S, schedule.expert_N, schedule.start_N, schedule.end_N, D, F, K, E,
+        t_bucket, num_tiles, *x_TD.stride(), *dy_TD.stride(), *gate_up_E2FD.stride(),
+        *down_EDF.stride(), *dgu_S2F.stride(), dw_partial.stride(0), BLOCK_M=block_m,
+    )  # fmt: skip
+    blocks_n = triton.cdiv(F, kernel.best_config.kwargs["BLOCK_N"])
+    dw_TK = dw_partial[:blocks_n].sum(0).view(T, K).to(weights_TK.dtype)
+    return dgu_S2F, dw_TK
+
+
+def expert_grad(a_SN, b_SC, schedule, top_k, num_experts, *, tuner, weights_S=None,
+                gather_a=False, gather_b=False):  # fmt: skip
+    """out[e] = sum over expert e's rows of (w *) a[row]^T b[row]: [E, N, C], a's dtype.
+
+    A row of a (of b) is a sorted row, or with gather_a (gather_b) the token of that row;
+    weights_S, when given, scales a's rows by the pair's routing weight. Every element is
+    written, zeros for experts without rows. tuner names the weight ("gate_up", "down").
+    """
+    N, C, S = a_SN.shape[1], b_SC.shape[1], schedule.order_S.numel()
+    out_ENC = a_SN.new_empty(num_experts, N, C)
+    grid = lambda META: (
+        num_experts * triton.cdiv(N, META["BLOCK_N"]) * triton.cdiv(C, META["BLOCK_C"]),
+    )
+    _EXPERT_GRAD[tuner][grid](
+        a_SN, b_SC, out_ENC, schedule.order_S, weights_S, schedule.offsets_E1, N, C, top_k,
+        num_experts, triton.next_power_of_2(S), *a_SN.stride(), *b_SC.stride(),
+        *out_ENC.stride(), GATHER_A=gather_a, GATHER_B=gather_b, WEIGHTED=weights_S is not None,
+    )  # fmt: skip
+    return out_ENC
 
 
 def _block_m(path, t_bucket, top_k, num_experts):
@@ -264,6 +508,95 @@ def _block_m(path, t_bucket, top_k, num_experts):
     return min(128, max(16, triton.next_power_of_2(rows_per_expert)))
 
 
+# The schedule is built outside the ops (plain torch ops that torch.compile traces) and passed
+# in as tensors, so that the backward reuses the forward's.
+@torch.library.custom_op("moebench::fused_moe", mutates_args=())
+def _fused_moe(
+    x_TD: torch.Tensor, weights_TK: torch.Tensor, gate_up_E2FD: torch.Tensor,
+    down_EDF: torch.Tensor, order_S: torch.Tensor, offsets_E1: torch.Tensor,
+    expert_N: torch.Tensor, start_N: torch.Tensor, end_N: torch.Tensor, path: str,
+    block_m: int, deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(y_TD, h_SF): the forward kernels, keeping h for the backward."""
+    schedule = _trimmed(TileSchedule(order_S, offsets_E1, expert_N, start_N, end_N))
+    T, K = weights_TK.shape
+    t_bucket = triton.next_power_of_2(T)
+    h_SF = gate_up_swiglu(x_TD, gate_up_E2FD, schedule, K, path, t_bucket, block_m)
+    y_TD = torch.empty_like(x_TD)
+    down_combine(
+        h_SF, down_EDF, weights_TK.reshape(-1), schedule, y_TD, K, path, t_bucket, block_m,
+        deterministic,
+    )  # fmt: skip
+    return y_TD, h_SF
+
+
+@_fused_moe.register_fake
+def _(x_TD, weights_TK, gate_up_E2FD, down_EDF, *schedule_and_options):
+    return torch.empty_like(x_TD), x_TD.new_empty(weights_TK.numel(), down_EDF.shape[2])
+
+
+@torch.library.custom_op("moebench::fused_moe_backward", mutates_args=())
+def _fused_moe_backward(
+    dy_TD: torch.Tensor, x_TD: torch.Tensor, weights_TK: torch.Tensor,
+    gate_up_E2FD: torch.Tensor, down_EDF: torch.Tensor, h_SF: torch.Tensor,
+    order_S: torch.Tensor, offsets_E1: torch.Tensor, expert_N: torch.Tensor,
+    start_N: torch.Tensor, end_N: torch.Tensor, path: str, block_m: int, deterministic: bool,
+    need_x: bool, need_weights: bool, need_gate_up: bool, need_down: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(dx_TD, dweights_TK, dgate_up_E2FD, ddown_EDF); an unneeded one is an empty tensor."""
+    schedule = _trimmed(TileSchedule(order_S, offsets_E1, expert_N, start_N, end_N))
+    T, K = weights_TK.shape
+    E = gate_up_E2FD.shape[0]
+    t_bucket = triton.next_power_of_2(T)
+    dx_TD, dw_TK, dgate_up, ddown = (t.new_empty(0) for t in (x_TD, weights_TK, x_TD, x_TD))
+    if need_x or need_weights or need_gate_up:
+        dgu_S2F, dw_TK = swiglu_backward(
+            dy_TD, x_TD, weights_TK, gate_up_E2FD, down_EDF, schedule, path, t_bucket, block_m
+        )
+    if need_x:
+        # [dgate, dup] @ gate_up[e] is the forward's down kernel with gate_up read as [E, D, 2F].
+        dx_TD = torch.empty_like(x_TD)
+        down_combine(
+            dgu_S2F, gate_up_E2FD.transpose(1, 2), None, schedule, dx_TD, K, path, t_bucket,
+            block_m, deterministic,
+        )  # fmt: skip
+    if need_gate_up:  # [dgate; dup]^T @ x rows
+        dgate_up = expert_grad(dgu_S2F, x_TD, schedule, K, E, tuner="gate_up", gather_b=True)
+    if need_down:  # (w * dy rows)^T @ h
+        ddown = expert_grad(
+            dy_TD, h_SF, schedule, K, E, tuner="down", weights_S=weights_TK.reshape(-1),
+            gather_a=True,
+        )  # fmt: skip
+    return dx_TD, dw_TK, dgate_up, ddown
+
+
+@_fused_moe_backward.register_fake
+def _(dy_TD, x_TD, weights_TK, gate_up_E2FD, down_EDF, h_SF, *schedule_and_options):
+    like = (x_TD, weights_TK, gate_up_E2FD, down_EDF)
+    need = schedule_and_options[-4:]
+    return tuple(
+        torch.empty_like(t) if n else t.new_empty(0) for t, n in zip(like, need, strict=True)
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x_TD, weights_TK, gate_up_E2FD, down_EDF, *schedule, path, block_m, deterministic = inputs
+    h_SF = output[1]
+    ctx.save_for_backward(x_TD, weights_TK, gate_up_E2FD, down_EDF, h_SF, *schedule)
+    ctx.options = (path, block_m, deterministic)
+    ctx.mark_non_differentiable(h_SF)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dy_TD, _dh_SF):
+    need = ctx.needs_input_grad[:4]
+    grads = _fused_moe_backward(dy_TD, *ctx.saved_tensors, *ctx.options, *need)
+    return *(g if n else None for g, n in zip(grads, need, strict=True)), *([None] * 8)
+
+
+_fused_moe.register_autograd(_backward, setup_context=_setup_context)
+
+
 def forward(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF, out_TD, stats, *,
             deterministic=False):  # fmt: skip
     """y[t] = sum_j weights[t,j] * expert_{ids[t,j]}(x[t]), written into out_TD and returned.
@@ -271,8 +604,11 @@ def forward(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF, out_TD, stats, *,
     x_TD [T, D]; ids_TK [T, K] int64 in [0, E); weights_TK [T, K] float; gate_up_E2FD
     [E, 2F, D] (gate rows, then up rows); down_EDF [E, D, F]; out_TD [T, D] in x's dtype,
     every element overwritten. Accumulates in fp32 and rounds once. `deterministic=True`
-    replaces the atomic combine with a fixed-order sum (bitwise reproducible). stats, when a
-    dict, receives the path, BLOCK_M, tile slots, combine mode and the configs used.
+    replaces the atomic combines (forward and dx) with fixed-order sums (bitwise
+    reproducible). When autograd needs gradients of x, weights_TK, gate_up or down, the
+    layer runs through the `moebench::fused_moe` op and out_TD carries the graph; otherwise
+    the kernels run straight into out_TD. stats, when a dict, receives the path, BLOCK_M,
+    tile slots, combine mode and the configs used.
     """
     if x_TD.device.type != "cuda" and not _INTERPRET:
         raise RuntimeError(
@@ -290,15 +626,21 @@ def forward(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF, out_TD, stats, *,
     block_m = _block_m(path, t_bucket, K, E)
     schedule = tile_schedule(ids_TK, E, block_m)
     tile_slots = schedule.expert_N.numel()
-    if _INTERPRET:
-        # The interpreter runs every program in Python, empty slots too; on the CPU the host
-        # sync that trims them is free.
-        real = int(schedule.end_N.count_nonzero())
-        schedule = TileSchedule(schedule.order_S, *(t[:real] for t in schedule[1:]))
-    h_SF = gate_up_swiglu(x_TD, gate_up_E2FD, schedule, K, path, t_bucket, block_m)
-    combine = down_combine(
-        h_SF, down_EDF, weights_TK, schedule, out_TD, path, t_bucket, block_m, deterministic
-    )
+    differentiable = (x_TD, weights_TK, gate_up_E2FD, down_EDF)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
+    if needs_grad or torch.compiler.is_compiling():
+        # The op is what autograd differentiates and what torch.compile keeps as one node
+        # (tracing into the kernel launches fails under the interpreter).
+        y_TD, _ = _fused_moe(*differentiable, *schedule, path, block_m, deterministic)
+        out_TD.copy_(y_TD)
+        combine = _combine_mode(K, deterministic)
+    else:
+        schedule = _trimmed(schedule)
+        h_SF = gate_up_swiglu(x_TD, gate_up_E2FD, schedule, K, path, t_bucket, block_m)
+        combine = down_combine(
+            h_SF, down_EDF, weights_TK.reshape(-1), schedule, out_TD, K, path, t_bucket, block_m,
+            deterministic,
+        )  # fmt: skip
     if stats is not None:
         stats.update(
             block_m=block_m,

@@ -59,7 +59,7 @@ def test_presets_have_the_real_layer_shapes():
 
 
 def test_unknown_preset_lists_the_valid_names():
-    with pytest.raises(ValueError, match="unknown preset 'gpt-5'.*deepseek-v3.*qwen3-235b-a22b"):
+    with pytest.raises(ValueError, match=r"unknown preset 'gpt-5'.*deepseek-v3.*qwen3-235b-a22b"):
         mb.preset("gpt-5")
 
 
@@ -131,7 +131,7 @@ def test_bad_out_impl_and_options(case):
         mb.moe_forward(x, r, w, out=torch.empty(6, 8))
     with pytest.raises(ValueError, match="unknown impl 'fast'; known: naive, padded, sorted"):
         mb.moe_forward(x, r, w, impl="fast")
-    with pytest.raises(TypeError, match="no option.*capacity_factor"):
+    with pytest.raises(TypeError, match=r"no option.*capacity_factor"):
         mb.moe_forward(x, r, w, impl="sorted", capacity_factor=2.0)
     with pytest.raises(ValueError, match="capacity_factor must be > 0"):
         mb.moe_forward(x, r, w, impl="padded", capacity_factor=0)
@@ -140,7 +140,7 @@ def test_bad_out_impl_and_options(case):
 
 def test_triton_refuses_float64(case):
     x, r, w = case
-    with pytest.raises(ValueError, match="does not support torch.float64"):
+    with pytest.raises(ValueError, match=r"does not support torch.float64"):
         mb.moe_forward(x.double(), r, w.to(dtype=torch.float64), impl="triton")
 
 

@@ -100,10 +100,13 @@ def test_tile_schedule_covers_every_pair_once(T, E, K, hot, block_m):
     same_expert = sorted_ids[1:] == sorted_ids[:-1]
     assert (sched.order_S.diff()[same_expert] > 0).all(), "sort is not stable"
 
+    counts_E = torch.bincount(ids_S, minlength=E)
+    assert sched.offsets_E1.tolist() == [0, *counts_E.cumsum(0).tolist()]
     assert sched.expert_N.numel() == -(-S // block_m) + min(E, S)
     covered = torch.zeros(S, dtype=torch.long)
     tiles = 0
-    for e, start, end in zip(*(t.tolist() for t in sched[1:]), strict=True):
+    per_tile = (sched.expert_N, sched.start_N, sched.end_N)
+    for e, start, end in zip(*(t.tolist() for t in per_tile), strict=True):
         if start == end:
             continue
         tiles += 1
@@ -111,7 +114,6 @@ def test_tile_schedule_covers_every_pair_once(T, E, K, hot, block_m):
         assert (sorted_ids[start:end] == e).all(), "a tile mixes experts"
         covered[start:end] += 1
     assert (covered == 1).all(), "a sorted row is not covered exactly once"
-    counts_E = torch.bincount(ids_S, minlength=E)
     assert tiles == int((-(-counts_E // block_m)).sum()), "empty experts got tiles"
 
 
@@ -178,3 +180,139 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
     case = make_case(T=2, D=16, F=16, E=2, K=1, dtype=torch.float32)
     with pytest.raises(RuntimeError, match="needs a CUDA device, or TRITON_INTERPRET=1"):
         fused.forward(*case, torch.empty_like(case[0]), None)
+
+
+# Backward: gradients of x, the routing weights, gate_up and down through the autograd op.
+GRAD_TOLERANCE = TOLERANCE | {torch.bfloat16: 3e-2}
+# Weights wider than the interpreter's 64-wide weight-gradient tiles, in both dimensions.
+GRAD_CASES = CASES | {"D72-F40": dict(T=9, D=72, F=40, E=3, K=2)}
+
+
+def leaves(case):
+    """Fresh leaf copies of the differentiable inputs: x, weights, gate_up, down."""
+    return [t.detach().clone().requires_grad_() for t in (case[0], *case[2:])]
+
+
+def reference_grads(case, dy_TD):
+    """Float64 autograd through the reference loop."""
+    x, w, gate_up, down = leaves([t.double().cpu() for t in case])
+    reference(x, case[1].cpu(), w, gate_up, down).backward(dy_TD.double().cpu())
+    return [t.grad for t in (x, w, gate_up, down)]
+
+
+def run_backward(case, dy_TD, deterministic=False, requires_grad=(True,) * 4):
+    """forward into a NaN-poisoned out, then backward(dy); the four grads (None if not asked)."""
+    x, w, gate_up, down = inputs = leaves(case)
+    for t, flag in zip(inputs, requires_grad, strict=True):
+        t.requires_grad_(flag)
+    out = torch.full_like(x, float("nan"))
+    fused.forward(x, case[1], w, gate_up, down, out, None, deterministic=deterministic)
+    out.backward(dy_TD)
+    return [t.grad for t in inputs]
+
+
+def idle_experts(ids_TK, E):
+    idle = torch.ones(E, dtype=torch.bool)
+    idle[ids_TK.flatten().cpu()] = False
+    return idle
+
+
+def assert_grads_match(got, want, ids_TK, dtype):
+    for name, g, w in zip(("x", "weights", "gate_up", "down"), got, want, strict=True):
+        assert g.dtype == (torch.float32 if name == "weights" else dtype), name
+        assert rel_err(g, w) < GRAD_TOLERANCE[dtype], name
+    idle = idle_experts(ids_TK, got[2].shape[0]).to(got[2].device)
+    assert (got[2][idle] == 0).all() and (got[3][idle] == 0).all(), "idle expert gradient"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", GRAD_CASES.values(), ids=GRAD_CASES.keys())
+def test_gradients_match_float64_reference(shape, dtype, path):
+    case = make_case(**shape, dtype=dtype)
+    dy_TD = torch.randn(shape["T"], shape["D"], generator=torch.Generator().manual_seed(5))
+    dy_TD = dy_TD.to(dtype=dtype, device=DEVICE)
+    got = run_backward(case, dy_TD)
+    assert_grads_match(got, reference_grads(case, dy_TD), case[1], dtype)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_every_gradient_element_is_written(monkeypatch, path, deterministic):
+    """With every buffer the layer allocates poisoned, idle experts still get exact zeros."""
+    new_empty, empty_like = torch.Tensor.new_empty, torch.empty_like
+    nan = lambda t: t.fill_(float("nan")) if t.is_floating_point() else t
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda t, *a, **k: nan(new_empty(t, *a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan(empty_like(*a, **k)))
+    case = make_case(T=3, D=16, F=16, E=16, K=2, dtype=torch.float32)
+    dy_TD = torch.randn(3, 16, device=DEVICE)
+    got = run_backward(case, dy_TD, deterministic=deterministic)
+    assert idle_experts(case[1], 16).sum() >= 10
+    assert_grads_match(got, reference_grads(case, dy_TD), case[1], torch.float32)
+
+
+@pytest.mark.parametrize("wanted", range(4), ids=["x", "weights", "gate_up", "down"])
+def test_gradient_of_one_input_only(wanted):
+    """Only the inputs that require grad get one; the others' kernels are skipped."""
+    case = make_case(T=9, D=16, F=16, E=4, K=2, dtype=torch.float32)
+    dy_TD = torch.randn(9, 16, device=DEVICE)
+    got = run_backward(case, dy_TD, requires_grad=[i == wanted for i in range(4)])
+    want = reference_grads(case, dy_TD)
+    assert [g is not None for g in got] == [i == wanted for i in range(4)]
+    assert rel_err(got[wanted], want[wanted]) < GRAD_TOLERANCE[torch.float32]
+
+
+def test_no_autograd_when_nothing_needs_grad():
+    case = make_case(T=9, D=16, F=16, E=4, K=2, dtype=torch.float32)
+    out, _ = run(case)
+    assert out.grad_fn is None
+    with torch.no_grad():
+        out, _ = run(leaves(case)[:1] + list(case[1:]))
+    assert out.grad_fn is None
+
+
+@pytest.mark.parametrize("T", [20, 100], ids=["decode", "prefill"])
+def test_deterministic_gradients_are_bitwise_reproducible(T):
+    case = make_case(T=T, D=40, F=24, E=6, K=3, dtype=torch.float32)
+    dy_TD = torch.randn(T, 40, device=DEVICE)
+    first = run_backward(case, dy_TD, deterministic=True)
+    second = run_backward(case, dy_TD, deterministic=True)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    atomic = run_backward(case, dy_TD)
+    assert all(rel_err(a, b.double().cpu()) < 1e-6 for a, b in zip(atomic, first, strict=True))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="bf16 loads are wrong under the interpreter")
+@pytest.mark.parametrize("T", [20, 300], ids=["decode", "prefill"])
+def test_bf16_gradients_match_float64_reference(T):
+    case = make_case(T=T, D=256, F=128, E=8, K=2, dtype=torch.bfloat16)
+    dy_TD = torch.randn(T, 256, device=DEVICE, dtype=torch.bfloat16)
+    got = run_backward(case, dy_TD)
+    assert_grads_match(got, reference_grads(case, dy_TD), case[1], torch.bfloat16)
+
+
+def test_torch_compile_keeps_forward_and_backward_ops_whole():
+    """fullgraph=True: no graph break around the layer; each op is one node of its graph."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    seen = {"forward": set(), "backward": set()}
+
+    def record(kind):
+        def compiler(gm, example_inputs):
+            seen[kind] |= {node.target for node in gm.graph.nodes}
+            return make_boxed_func(gm.forward)
+
+        return compiler
+
+    def layer(x, ids, w, gate_up, down):
+        return fused.forward(x, ids, w, gate_up, down, torch.empty_like(x), None)
+
+    backend = aot_autograd(fw_compiler=record("forward"), bw_compiler=record("backward"))
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)
+    case = make_case(T=8, D=16, F=16, E=4, K=2, dtype=torch.float32)
+    dy_TD = torch.randn(8, 16, device=DEVICE)
+    x, w, gate_up, down = inputs = leaves(case)
+    compiled(x, case[1], w, gate_up, down).backward(dy_TD)
+    assert torch.ops.moebench.fused_moe.default in seen["forward"]
+    assert torch.ops.moebench.fused_moe_backward.default in seen["backward"]
+    eager = run_backward(case, dy_TD)
+    assert all(rel_err(t.grad, g.double().cpu()) < 1e-6 for t, g in zip(inputs, eager, strict=True))

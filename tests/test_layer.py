@@ -80,7 +80,7 @@ def test_implementations_agree_with_each_other():
 
 
 def expected_drops(ids_TK, num_experts, capacity):
-    """The documented policy, written plainly: each expert keeps its first C pairs in token order."""
+    """The documented policy, plainly: each expert keeps its first C pairs in token order."""
     T, K = ids_TK.shape
     seen = [0] * num_experts
     dropped = torch.zeros(T, K, dtype=torch.bool)
@@ -140,7 +140,7 @@ def test_sorted_reports_whether_grouped_mm_ran():
 
 
 def test_shared_experts_are_added_to_every_token():
-    cfg, x, r, w = make_case("shared", "random", torch.float64, seed=4)
+    _, x, r, w = make_case("shared", "random", torch.float64, seed=4)
     routed_only = mb.ExpertWeights(w.gate_up, w.down)
     gate, up = (x @ w.shared_gate_up.T).chunk(2, -1)
     shared = (torch.nn.functional.silu(gate) * up) @ w.shared_down.T
