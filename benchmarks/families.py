@@ -131,3 +131,12 @@ class SonicMoE(_Time):
 class SonicMoEImbalance(_Imbalance):
     family = "sonicmoe"
     params = _params(family, skews=UNBALANCED)
+
+
+# Forward + backward suites, for the families the profile times that way (all on gpu,
+# models on cpu): ScaleOutTrain, IsoParamsTrain, ModelsTrain, SonicMoETrain.
+_CLASS_NAMES = {"scale-out": "ScaleOut", "iso-params": "IsoParams", "models": "Models",
+                "sonicmoe": "SonicMoE"}  # fmt: skip
+for _family in PROFILE.train_families:
+    _name = _CLASS_NAMES[_family.removesuffix(grid.TRAIN)] + "Train"
+    globals()[_name] = type(_name, (_Time,), {"family": _family, "params": _params(_family)})

@@ -22,6 +22,9 @@ import torch
 from .config import PRESETS, MoEConfig
 
 FAMILIES = ("scale-out", "iso-params", "models", "sonicmoe")
+# A family name with this suffix times forward + backward (a training step's layer work)
+# on the same points: useful FLOPs are three times the forward's.
+TRAIN = "+bwd"
 SKEWS = ("balanced", "random", "zipf:1.2", "hot:0.5", "collapse")
 IMPLS = ("naive", "padded", "sorted", "triton")
 
@@ -44,6 +47,8 @@ class Profile:
     copy_bytes: int  # the copy ceiling copies a buffer of this size
     check_bytes: int  # largest float64 reference (weights of the checked experts) to build
     timeout_s: int  # what the whole profile may take in one process (asv setup_cache)
+    # the families timed forward + backward (each a FAMILIES name + TRAIN)
+    train_families: tuple[str, ...] = ()
     # torch CPU threads while measuring; None leaves torch's default. The CPU profiles use
     # one: with more OpenMP threads than idle cores, small matmuls slow down tenfold and
     # the numbers follow the machine's load rather than the code.
@@ -73,6 +78,7 @@ PROFILES = {
             copy_bytes=2**30,
             check_bytes=4 * 2**30,
             timeout_s=3600,
+            train_families=tuple(f + TRAIN for f in FAMILIES),
         ),
         Profile(
             name="cpu",
@@ -92,6 +98,7 @@ PROFILES = {
             check_bytes=256 * 2**20,
             timeout_s=1800,
             threads=1,
+            train_families=("models" + TRAIN,),
         ),
         Profile(
             name="tiny",
@@ -111,6 +118,7 @@ PROFILES = {
             check_bytes=64 * 2**20,
             timeout_s=600,
             threads=1,
+            train_families=("models" + TRAIN,),
         ),
     )
 }
@@ -158,9 +166,17 @@ def shrink(cfg: MoEConfig, factor: int, dtype: str) -> MoEConfig:
     )
 
 
+def families(profile: str | Profile | None = None) -> tuple[str, ...]:
+    """The forward families, then the profile's forward + backward ones."""
+    return FAMILIES + get_profile(profile).train_families
+
+
 def points(family: str, profile: str | Profile | None = None) -> list[Point]:
     """The family's points for the profile, in sweep order (E or T ascending)."""
     p = get_profile(profile)
+    if family.endswith(TRAIN) and family.removesuffix(TRAIN) in FAMILIES:
+        forward = points(family.removesuffix(TRAIN), p)
+        return [dataclasses.replace(pt, family=family) for pt in forward]
     if family == "scale-out":
         D, F, K = p.scale_out
         return [
@@ -204,4 +220,4 @@ def points(family: str, profile: str | Profile | None = None) -> list[Point]:
 
 
 def all_points(profile: str | Profile | None = None) -> list[Point]:
-    return [pt for family in FAMILIES for pt in points(family, profile)]
+    return [pt for family in families(profile) for pt in points(family, profile)]

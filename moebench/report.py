@@ -121,7 +121,7 @@ def _env_lines(env: dict) -> list[str]:
 def _shapes(part: pd.DataFrame) -> str:
     """The family's layer shapes: one line for a sweep, a table of the models."""
     first = part.iloc[0]
-    if first["family"] == "models":
+    if first["family"].removesuffix(grid.TRAIN) in ("models", "sonicmoe"):
         models = part.assign(model=part["label"].str.split("/").str[0])
         models = models.drop_duplicates("model")[["model", "D", "F", "E", "K", "Fs"]]
         return markdown_table(models)
@@ -189,7 +189,7 @@ def markdown(env: dict, frame: pd.DataFrame) -> str:
 def _panels(frame: pd.DataFrame, family: str) -> list[tuple[str, pd.DataFrame, str]]:
     """(title, records, x column) per panel: E for the sweeps, T per preset for models."""
     part = frame[frame["family"] == family]
-    if family != "models":
+    if family.removesuffix(grid.TRAIN) != "models":
         return [(family, part, "E")]
     preset = part["label"].str.split("/").str[0]
     return [(name, part[preset == name], "T") for name in dict.fromkeys(preset)]
@@ -283,7 +283,8 @@ def plot_imbalance(env, frame, family, path) -> None:
             ax = axes[row][col]
             _lines(ax, part[part["skew"] == skew], x, "imbalance_overhead", impls)
             ax.axhline(1.0, color="black", lw=0.8)
-            ax.set_title(f"{title}, {skew}" if family == "models" else skew, fontsize=9)
+            models = family.removesuffix(grid.TRAIN) == "models"
+            ax.set_title(f"{title}, {skew}" if models else skew, fontsize=9)
         axes[row][0].set_ylabel("time / balanced time")
     axes[0][0].legend(fontsize=8)
     _save(fig, path, f"{family}, load-imbalance overhead (lower is better): {_title(env)}")

@@ -145,14 +145,47 @@ def _base_record(point: grid.Point, impl: str, skew: str, dtype: torch.dtype) ->
         K=cfg.top_k,
         Fs=cfg.d_ff_shared,
         dtype=str(dtype).removeprefix("torch."),
-        flops=harness.useful_flops(cfg, point.T),
+        flops=harness.useful_flops(cfg, point.T) * (3 if _training(point.family) else 1),
         status="skipped",
     )
     return record
 
 
+def _training(family: str) -> bool:
+    return family.endswith(grid.TRAIN)
+
+
+def _train_step(forward, impl, x_TD, routing, weights):
+    """The layer's forward + backward against a fixed random output gradient, with x, every
+    weight and the routing weights as leaves; gradients are dropped before each step, as
+    `zero_grad(set_to_none=True)` does."""
+    leaves = [x_TD, routing.weights, *weights.tensors().values()]
+    for t in leaves:
+        t.requires_grad_(True)
+    dy_TD = torch.randn_like(x_TD)
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        forward(x_TD, routing, weights, impl=impl, check=False).backward(dy_TD)
+
+    def release():
+        for t in leaves:
+            t.grad = None
+            t.requires_grad_(False)
+
+    return step, release
+
+
 def _measure(record, forward, impl, x_TD, routing, weights, ctx) -> None:
     """Fill in one record; raises what the layer raises."""
+    if _training(record["family"]):
+        call, release = _train_step(forward, impl, x_TD, routing, weights)
+        try:
+            _time(record, call, ctx)
+        finally:
+            release()
+        return
     stats = {}
     y_TD = forward(x_TD, routing, weights, impl=impl, stats=stats)  # checked; compiles
     if impl == "padded":
@@ -162,7 +195,11 @@ def _measure(record, forward, impl, x_TD, routing, weights, ctx) -> None:
             y_TD, x_TD, routing, weights, stats, ctx["profile"].check_bytes
         )
     del y_TD, stats
-    call = lambda: forward(x_TD, routing, weights, impl=impl, check=False)
+    _time(record, lambda: forward(x_TD, routing, weights, impl=impl, check=False), ctx)
+
+
+def _time(record, call, ctx) -> None:
+    """Time `call` and fill in the record's timing, memory and throughput fields."""
     p = ctx["profile"]
     timing = harness.measure(
         call,
@@ -270,7 +307,9 @@ def _sweep(points, impls, skews, forward, progress, ctx) -> list[dict]:
                 record.update(
                     max_over_mean=load.max_over_mean,
                     touched_experts=touched,
-                    min_bytes=harness.min_bytes(point.cfg, point.T, touched, dtype.itemsize),
+                    # fwd + bwd reads the weights and writes their gradients; x, y, dy, dx
+                    min_bytes=harness.min_bytes(point.cfg, point.T, touched, dtype.itemsize)
+                    * (2 if _training(point.family) else 1),
                 )
                 if inputs is None:
                     done(_skip(record, reason))
@@ -362,7 +401,7 @@ def run_profile(
     *,
     output=None,
     results_dir="results",
-    families=grid.FAMILIES,
+    families=None,
     impls=grid.IMPLS,
     skews=grid.SKEWS,
     check: bool = True,
@@ -375,7 +414,7 @@ def run_profile(
     p = grid.get_profile(profile)
     timer = harness.make_timer(p.device, flush_l2=flush_l2, cuda_graph=cuda_graph)
     started = time.perf_counter()
-    points = [pt for family in families for pt in grid.points(family, p)]
+    points = [pt for family in families or grid.families(p) for pt in grid.points(family, p)]
     with harness.torch_threads(p.threads):
         ceilings = ceilings_for(p, timer)
         records = run_points(
@@ -466,7 +505,8 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", choices=list(grid.PROFILES), default=None)
     parser.add_argument("--output", help="run file (default results/<profile>-<machine>/...)")
     parser.add_argument("--results-dir", default="results")
-    parser.add_argument("--families", type=_csv(grid.FAMILIES), default=list(grid.FAMILIES))
+    train = tuple(f + grid.TRAIN for f in grid.FAMILIES)
+    parser.add_argument("--families", type=_csv(grid.FAMILIES + train), default=None)
     parser.add_argument("--impls", type=_csv(grid.IMPLS), default=list(grid.IMPLS))
     parser.add_argument("--skews", type=_csv(grid.SKEWS), default=list(grid.SKEWS))
     parser.add_argument("--no-check", action="store_true", help="skip the float64 check")

@@ -45,14 +45,14 @@ class ExpertWeights:
                 raise ValueError(
                     f"shared_down must be [D, Fs] = {(D, sgu.shape[0] // 2)}, got {_shape(sd)}"
                 )
-        for name, t in self._tensors().items():
+        for name, t in self.tensors().items():
             if t.dtype != gate_up.dtype or t.device != gate_up.device:
                 raise ValueError(
                     f"{name} is {t.dtype} on {t.device}, gate_up is {gate_up.dtype} on "
                     f"{gate_up.device}: all weights must share dtype and device"
                 )
 
-    def _tensors(self) -> dict[str, torch.Tensor]:
+    def tensors(self) -> dict[str, torch.Tensor]:
         names = ("gate_up", "down", "shared_gate_up", "shared_down")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
@@ -112,9 +112,9 @@ class ExpertWeights:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._tensors().values())
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def to(self, device=None, dtype=None) -> ExpertWeights:
         return ExpertWeights(
-            **{n: t.to(device=device, dtype=dtype) for n, t in self._tensors().items()}
+            **{n: t.to(device=device, dtype=dtype) for n, t in self.tensors().items()}
         )

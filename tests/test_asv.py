@@ -13,14 +13,16 @@ import pytest
 from moebench import grid, sweep
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+TIME, IMBALANCE, DROPPED = ("time_ms", "peak_bytes"), ("imbalance_overhead",), ("dropped_fraction",)
 SUITES = {
     f"families.{cls}.track_{metric}"
-    for family in ("ScaleOut", "IsoParams", "Models")
-    for cls, metrics in (
-        (family, ("time_ms", "peak_bytes")),
-        (f"{family}Imbalance", ("imbalance_overhead",)),
-        (f"{family}Dropped", ("dropped_fraction",)),
-    )
+    for cls, metrics in [
+        *((family, TIME) for family in ("ScaleOut", "IsoParams", "Models", "SonicMoE")),
+        *((f"{family}Imbalance", IMBALANCE) for family in ("ScaleOut", "IsoParams", "Models")),
+        ("SonicMoEImbalance", IMBALANCE),
+        *((f"{family}Dropped", DROPPED) for family in ("ScaleOut", "IsoParams", "Models")),
+        ("ModelsTrain", TIME),  # the tiny profile times models forward + backward
+    ]
     for metric in metrics
 }
 DISCOVER = """

@@ -355,3 +355,20 @@ def test_sweep_command_writes_a_run_of_the_profile(tmp_path, capsys):
     assert env["torch_threads"] == 1  # the tiny profile's
     assert len(frame) == 3 * 2 * 2
     assert set(frame["status"]) == {"ok"}
+
+
+def test_train_families_time_forward_and_backward():
+    point = grid.points("models+bwd", "tiny")[0]
+    assert point.family == "models+bwd" and "models+bwd" in grid.families("tiny")
+    calls = []
+
+    def forward(x, routing, weights, **kw):
+        # Each timed call must see fresh leaves: no gradient kept from the previous step.
+        calls.append(all(t.requires_grad and t.grad is None for t in weights.tensors().values()))
+        return mb.moe_forward(x, routing, weights, **kw)
+
+    (rec,) = sweep.run_points([point], ["sorted"], ["random"], profile="tiny", forward=forward)
+    assert rec["status"] == "ok", rec["reason"]
+    assert rec["flops"] == 3 * point.cfg.flops(point.T)
+    assert rec["tflops"] == pytest.approx(rec["flops"] / (rec["time_ms"] * 1e-3) / 1e12)
+    assert len(calls) >= 3 and all(calls)
