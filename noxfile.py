@@ -5,7 +5,10 @@ build. On a GPU runner, run against the interpreter that already has CUDA torch 
 triton: `nox --no-venv -s bench` (or MOEBENCH_NOX_EXISTING_ENV=1).
 """
 
+import json
 import os
+import time
+from pathlib import Path
 
 import nox
 
@@ -40,3 +43,127 @@ def tests(session: nox.Session) -> None:
     """pytest on the CPU (Triton under TRITON_INTERPRET=1); extra args go to pytest."""
     install(session, "dev")
     session.run("pytest", *(session.posargs or ["-q"]))
+
+
+@nox.session
+def regress(session: nox.Session) -> None:
+    """The regression gate: a baseline against the working tree on the same grid, then the
+    verdict table (moebench.gate). `-- --baseline REV|RUN.json` (default: the merge base
+    with main), `--rounds N`, `--threshold X`, `--output DIR`; the profile is gpu where
+    CUDA is available, else the small CPU gate grid."""
+    install(session, "bench")
+    session.run("python", "-m", "moebench.gate", "regress", *session.posargs)
+
+
+@nox.session
+def microbench(session: nox.Session) -> None:
+    """pytest-benchmark: routing and permutation steps, failing where one takes twice its
+    time in the baseline stored for this machine under results/microbench/<machine>/
+    (stored by the first run on a machine; `-- --benchmark-save=NAME` stores another;
+    `-- --benchmark-compare-fail=min:10%` adds a tighter check on a quiet machine)."""
+    install(session, "dev")
+    machine = _python(session, "from moebench.harness import machine_name; print(machine_name())")
+    storage = Path("results", "microbench", machine)
+    if any(storage.glob("*/*.json")):
+        # The minimum, not the median: on a shared CPU, neighbours only ever add time; and
+        # a doubling, since 5 runs of one commit on the 2-core CI machine saw minimums up
+        # to 1.44x the baseline's.
+        gate = ["--benchmark-compare", "--benchmark-compare-fail=min:100%"]
+    else:
+        session.warn(f"no microbench baseline in {storage}: storing this run as one")
+        gate = ["--benchmark-save=baseline"]
+    session.run(
+        "pytest",
+        "tests/test_microbench.py",
+        "-q",
+        "--benchmark-enable",
+        f"--benchmark-storage=file://{storage}",
+        "--benchmark-warmup=on",
+        "--benchmark-max-time=0.5",
+        "--benchmark-columns=min,median,iqr,rounds",
+        *gate,
+        *session.posargs,
+        # One thread: OpenMP barriers on a busy 2-core machine stall for whole time slices.
+        env={"OMP_NUM_THREADS": "1"},
+    )
+
+
+def _python(session: nox.Session, code: str) -> str:
+    """The last line that `python -c code` prints in the session's interpreter."""
+    return session.run("python", "-c", code, silent=True).strip().splitlines()[-1]
+
+
+def _bench(session: nox.Session, results: str, profile: str | None, asv_args=()) -> str:
+    """Sweep the profile into a run file under `results`, then record it with asv (whose
+    suites read that file instead of measuring again). Returns the run file."""
+    profile = profile or _python(
+        session, "from moebench.grid import default_profile_name as f; print(f())"
+    )
+    host = _python(session, "from moebench.harness import machine_name; print(machine_name())")
+    machine = f"{profile}-{host}"
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    run = os.path.abspath(f"{results}/{machine}/run-{stamp}.json")
+    session.run("python", "-m", "moebench.sweep", "--profile", profile, "--output", run,
+                *session.posargs)  # fmt: skip
+    env = {"MOEBENCH_PROFILE": profile, "MOEBENCH_RUN": run}
+    commit = session.run("git", "rev-parse", "HEAD", external=True, silent=True).strip()
+    # `asv machine --yes --machine NAME` keeps only the fields that differ from its
+    # defaults; record them all, with the GPU beside the CPU.
+    session.run("python", "-c", "import asv.machine as m, moebench.harness as h; "
+                f"m.Machine.load(machine_name={machine!r}, **{{**m.Machine.get_defaults(), "
+                f"**h.asv_machine(), 'machine': {machine!r}}})", silent=True)  # fmt: skip
+    session.run("asv", "run", "--environment", "existing", "--set-commit-hash", commit,
+                "--machine", machine, *asv_args, env=env)  # fmt: skip
+    return run
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The benchmark: every implementation over the sweep families on this machine's
+    profile (gpu with CUDA, else the labelled cpu one; MOEBENCH_PROFILE=gpu|cpu|tiny
+    chooses), written to results/<profile>-<machine>/run-<time>.json and recorded by asv
+    under results/asv. Extra args go to `python -m moebench.sweep`, e.g.
+    `nox -s bench -- --families models --flush-l2`."""
+    install(session, "bench")
+    _bench(session, "results", os.environ.get("MOEBENCH_PROFILE"))
+
+
+@nox.session
+def report(session: nox.Session) -> None:
+    """asv's HTML report (results/html) and, beside the newest run of each
+    results/<profile>-<machine>/: summary.csv, summary.md and plots/*.png."""
+    install(session, "bench")
+    if os.path.isdir("results/asv"):
+        session.run("asv", "publish")
+    session.run("python", "-m", "moebench.report", *session.posargs)
+
+
+def _asv_config(folder: str) -> str:
+    """asv.conf.json with its results and HTML under `folder`: a trial run leaves the
+    repository's results/ alone (asv writes machine.json even with --dry-run)."""
+    text = Path("asv.conf.json").read_text()
+    conf = json.loads("\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("//")))
+    root = os.getcwd()
+    conf.update(
+        repo=root,
+        benchmark_dir=os.path.join(root, "benchmarks"),
+        results_dir=os.path.join(folder, "asv"),
+        html_dir=os.path.join(folder, "html"),
+    )
+    path = os.path.join(folder, "asv.conf.json")
+    Path(path).write_text(json.dumps(conf, indent=4))
+    return path
+
+
+@nox.session
+def smoke(session: nox.Session) -> None:
+    """The bench and report sessions end to end on the tiny profile, in a throwaway folder:
+    the CI check that the benchmark still runs (two minutes on 2 cores)."""
+    install(session, "bench")
+    tmp = os.path.abspath(session.create_tmp())
+    config = ["--config", _asv_config(tmp)]
+    tiny = {"MOEBENCH_PROFILE": "tiny"}
+    session.run("asv", "check", *config, "--environment", "existing", env=tiny)
+    run = _bench(session, tmp, "tiny", asv_args=config)
+    session.run("python", "-m", "moebench.report", run)
+    session.run("asv", "publish", *config)

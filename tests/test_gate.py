@@ -1,0 +1,281 @@
+"""The regression gate: planted slowdowns and drifts are caught and named, noise is not."""
+
+import json
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from moebench import gate, grid, harness, sweep
+from moebench.layer import moe_forward
+
+ENV = {
+    "commit": "0" * 40,
+    "machine": "ci-box",
+    "gpu": None,
+    "cuda": None,
+    "torch": "2.13.0+cpu",
+    "triton": "3.9.0",
+    "harness_version": "1",
+    "profile": "tiny",
+}
+IMPLS = ("naive", "padded", "sorted", "triton")
+
+
+def fake_run(seed, *, slow=None, factor=1.0, cv=0.02, repeats=15, err=None, env=ENV):
+    """A run whose times are drawn around fixed true costs with the given relative noise.
+
+    `slow` names an impl whose every point costs `factor` times more; `err` maps an impl to
+    the rel_err its points report.
+    """
+    rng = np.random.default_rng(seed)
+    records = []
+    for impl in IMPLS:
+        for e, cost in (("E=8", 2.0), ("E=64", 5.0)):
+            for skew in ("balanced", "zipf:1.2"):
+                true = cost * (factor if impl == slow else 1.0)
+                times = true * (1 + cv * rng.standard_normal(repeats))
+                records.append(
+                    {
+                        "family": "scale-out",
+                        "label": e,
+                        "impl": impl,
+                        "skew": skew,
+                        "dtype": "float32",
+                        "status": "ok",
+                        "reason": "",
+                        "time_ms": float(np.median(times)),
+                        "p20_ms": float(np.percentile(times, 20)),
+                        "p80_ms": float(np.percentile(times, 80)),
+                        "cv": float(times.std() / times.mean()),
+                        "repeats": repeats,
+                        "rel_err": (err or {}).get(impl, 1e-6),
+                    }
+                )
+    return dict(env), pd.DataFrame(records)
+
+
+def write(path, run):
+    env, df = run
+    path.write_text(json.dumps({"env": env, "records": df.to_dict("records")}))
+    return str(path)
+
+
+def verdicts(table, impl):
+    return set(table.loc[table["impl"] == impl, "verdict"])
+
+
+def test_planted_slowdown_is_caught_and_named(tmp_path, capsys):
+    base, cand = fake_run(0), fake_run(1, slow="sorted", factor=1.2)
+    table = gate.compare(base, cand)
+    assert verdicts(table, "sorted") == {"SLOWER"}
+    assert all(verdicts(table, impl) == {"same"} for impl in IMPLS if impl != "sorted")
+    assert (table["verdict"].iloc[:4] == "SLOWER").all(), "regressions are listed first"
+
+    code = gate.main([write(tmp_path / "b.json", base), write(tmp_path / "c.json", cand)])
+    out = capsys.readouterr().out
+    assert code == gate.EXIT_REGRESSION
+    assert "gate: FAIL" in out and "SLOWER sorted scale-out E=64 zipf:1.2 float32" in out
+
+
+def test_same_distribution_never_alarms():
+    # 50 pairs of runs of one code at 2 % cv: none may alarm at the default 5 % threshold.
+    for seed in range(50):
+        table = gate.compare(fake_run(2 * seed), fake_run(2 * seed + 1))
+        assert set(table["verdict"]) == {"same"}, table
+
+
+def test_noisy_points_widen_their_own_limit():
+    # At 5 % cv a 7 % slowdown is within 3 x cv: the gate must not call it.
+    table = gate.compare(fake_run(0, cv=0.05), fake_run(1, cv=0.05, slow="naive", factor=1.07))
+    assert verdicts(table, "naive") == {"same"}
+    assert (table["limit"] > 0.09).all()
+
+
+def test_improvement_is_reported_and_passes(tmp_path):
+    base, cand = fake_run(0), fake_run(1, slow="padded", factor=0.7)
+    table = gate.compare(base, cand)
+    assert verdicts(table, "padded") == {"faster"}
+    assert gate.main([write(tmp_path / "b.json", base), write(tmp_path / "c.json", cand)]) == 0
+
+
+@pytest.mark.parametrize("field", ["machine", "gpu", "torch", "harness_version", "profile", "l2"])
+def test_other_environment_is_refused_naming_the_field(tmp_path, capsys, field):
+    cand = fake_run(1, env={**ENV, field: "something else"})
+    with pytest.raises(gate.Incomparable, match=field):
+        gate.compare(fake_run(0), cand)
+    code = gate.main([write(tmp_path / "b.json", fake_run(0)), write(tmp_path / "c.json", cand)])
+    assert code == gate.EXIT_INCOMPARABLE
+    assert f"{field}: baseline" in capsys.readouterr().err
+
+
+def test_commit_and_date_may_differ():
+    cand = fake_run(1, env={**ENV, "commit": "1" * 40, "date": "tomorrow"})
+    assert set(gate.compare(fake_run(0), cand)["verdict"]) == {"same"}
+
+
+def test_point_missing_on_one_side_is_refused_unless_allowed():
+    base, (env, df) = fake_run(0), fake_run(1)
+    cand = (env, df.drop(index=3))
+    with pytest.raises(
+        gate.Incomparable, match=r"naive scale-out E=64 zipf:1\.2 float32: ok only in the baseline"
+    ):
+        gate.compare(base, cand)
+    table = gate.compare(base, cand, allow_missing=True)
+    assert list(table["verdict"]).count("missing") == 1
+
+
+def test_point_skipped_on_one_side_is_refused_and_on_both_is_skipped():
+    (benv, bdf), (cenv, cdf) = fake_run(0), fake_run(1)
+    cdf.loc[0, ["status", "time_ms"]] = ["skipped", None]
+    with pytest.raises(gate.Incomparable, match="ok only in the baseline"):
+        gate.compare((benv, bdf), (cenv, cdf))
+    bdf.loc[0, ["status", "time_ms"]] = ["skipped", None]
+    table = gate.compare((benv, bdf), (cenv, cdf))
+    assert list(table["verdict"]).count("skipped") == 1 and table["verdict"].iloc[-1] == "skipped"
+
+
+def test_correctness_drift_is_caught(capsys, tmp_path):
+    base, cand = fake_run(0), fake_run(1, err={"triton": 3e-4})
+    table = gate.compare(base, cand)
+    assert verdicts(table, "triton") == {"WRONG"}
+    assert gate.main([write(tmp_path / "b.json", base), write(tmp_path / "c.json", cand)]) == 1
+    assert "WRONG triton" in capsys.readouterr().out
+
+
+def test_error_over_tolerance_in_the_baseline_may_not_double():
+    base = fake_run(0, err={"padded": 1e-3})
+    assert verdicts(gate.compare(base, fake_run(1, err={"padded": 1.5e-3})), "padded") == {"same"}
+    assert verdicts(gate.compare(base, fake_run(1, err={"padded": 2.5e-3})), "padded") == {"WRONG"}
+
+
+def test_tolerance_table_knows_short_and_torch_names():
+    assert gate.tolerance("bf16") == gate.tolerance("torch.bfloat16") == 2e-2
+    with pytest.raises(ValueError, match="int8"):
+        gate.tolerance("int8")
+
+
+def test_best_of_takes_the_fastest_run_and_the_worst_error(tmp_path):
+    quiet, (env, busy) = fake_run(0), fake_run(1, factor=1.5, slow="naive", err={"naive": 5e-5})
+    merged = gate.best_of([quiet, (env, busy)])[1].set_index(gate.KEY)
+    naive = merged.xs("naive", level="impl")
+    assert (naive["time_ms"] < 6).all() and (naive["rel_err"] == 5e-5).all()
+    assert (naive["spread"] > 0.3).all(), "the busy run's 1.5x shows as spread"
+    assert (merged.xs("sorted", level="impl")["spread"] < 0.1).all()
+    write(tmp_path / "r1.json", quiet)
+    write(tmp_path / "r2.json", (env, busy))
+    assert len(gate.load(tmp_path)[1]) == len(quiet[1])
+
+
+# --- end to end: real sweeps through moebench.sweep ---------------------------------------
+
+# One point of the cpu profile: ~10 ms a call, long enough that one preemption does not
+# cover a whole point's repeats (the tiny profile's 0.3 ms calls are at its mercy).
+POINTS = [pt for pt in grid.points("scale-out", "cpu") if pt.label == "E=8"]
+IMPLS_CPU = ("naive", "padded", "sorted")
+CEILINGS = harness.Ceilings(matmul_flops=1e11, copy_bytes=1e10, label="fixed for tests")
+CPU_RULE = {"threshold": gate.THRESHOLD["gate"]}
+
+
+def padded_three_times(x_TD, routing, weights, impl, **options):
+    """The layer with the padded implementation's work done three times: a planted 3x."""
+    for _ in range(2 if impl == "padded" else 0):
+        moe_forward(x_TD, routing, weights, impl=impl, **options)
+    return moe_forward(x_TD, routing, weights, impl=impl, **options)
+
+
+def sorted_drifting(x_TD, routing, weights, impl, **options):
+    """The layer with the sorted implementation's output off by about 1e-3."""
+    y_TD = moe_forward(x_TD, routing, weights, impl=impl, **options)
+    if impl == "sorted":
+        y_TD += 1e-3 * y_TD.abs().mean() * torch.randn_like(y_TD)
+    return y_TD
+
+
+@pytest.fixture(scope="module")
+def cpu_env():
+    return harness.environment("cpu")
+
+
+def sides(env, base_forward=None, cand_forward=None, rounds=2):
+    """Baseline and candidate runs, alternated, each side merged by best_of."""
+
+    def run(forward):
+        records = sweep.run_points(
+            POINTS, IMPLS_CPU, ["balanced"], profile="cpu", repeats=15, check=True,
+            forward=forward, ceilings=CEILINGS,
+        )  # fmt: skip
+        return env, pd.DataFrame(records)
+
+    sides = [(run(base_forward), run(cand_forward)) for _ in range(rounds)]
+    return gate.best_of([b for b, _ in sides]), gate.best_of([c for _, c in sides])
+
+
+def test_planted_slowdown_in_a_real_sweep_is_named(cpu_env):
+    table = gate.compare(*sides(cpu_env, cand_forward=padded_three_times), **CPU_RULE)
+    assert verdicts(table, "padded") == {"SLOWER"}, gate.format_table(table)
+    assert "SLOWER" not in verdicts(table, "naive") | verdicts(table, "sorted")
+
+
+def test_same_code_never_alarms_in_five_real_comparisons(cpu_env):
+    for _ in range(5):
+        table = gate.compare(*sides(cpu_env), **CPU_RULE)
+        assert not table["verdict"].isin(gate.FAILING).any(), gate.format_table(table)
+
+
+def test_correctness_drift_in_a_real_sweep_is_caught(cpu_env):
+    table = gate.compare(*sides(cpu_env, cand_forward=sorted_drifting, rounds=1))
+    assert verdicts(table, "sorted") == {"WRONG"}, gate.format_table(table)
+    assert "WRONG" not in verdicts(table, "naive") | verdicts(table, "padded")
+
+
+# --- regress: choosing and measuring the baseline ----------------------------------------
+
+
+def git(repo, *args):
+    out = subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """A git repository with two commits on main; a package without the harness."""
+    git(tmp_path, "init", "-q", "-b", "main")
+    git(tmp_path, "config", "user.email", "t@example.com")
+    git(tmp_path, "config", "user.name", "t")
+    (tmp_path / "moebench").mkdir()
+    for n in (1, 2):
+        (tmp_path / "moebench" / "__init__.py").write_text(f"VERSION = {n}\n")
+        git(tmp_path, "add", "-A")
+        git(tmp_path, "commit", "-q", "-m", f"commit {n}")
+    return tmp_path
+
+
+def test_baseline_is_the_merge_base_with_main(repo):
+    main = git(repo, "rev-parse", "HEAD")
+    git(repo, "checkout", "-q", "-b", "feature")
+    (repo / "moebench" / "__init__.py").write_text("VERSION = 3\n")
+    git(repo, "commit", "-q", "-am", "feature")
+    assert gate.resolve_baseline(None, repo, "gate") == main
+    assert gate.resolve_baseline("HEAD", repo, "gate") == git(repo, "rev-parse", "HEAD")
+
+
+def test_on_clean_main_the_baseline_is_the_committed_run_else_the_parent(repo):
+    assert gate.resolve_baseline(None, repo, "gate") == git(repo, "rev-parse", "HEAD~1")
+    env, df = fake_run(0, env={**ENV, "machine": harness.machine_name(), "profile": "gate"})
+    run = repo / "results" / "gate-box" / "run.json"
+    run.parent.mkdir(parents=True)
+    write(run, (env, df))
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "results")
+    assert gate.resolve_baseline(None, repo, "gate") == run
+    assert gate.resolve_baseline(None, repo, "gpu") == git(repo, "rev-parse", "HEAD~1")
+
+
+def test_unmeasurable_baseline_is_refused(repo, monkeypatch, capsys):
+    monkeypatch.chdir(repo)
+    code = gate.main(["regress", "--baseline", "HEAD~1", "--profile", "tiny", "--rounds", "1"])
+    assert code == gate.EXIT_INCOMPARABLE
+    assert "measuring the code at" in capsys.readouterr().err
