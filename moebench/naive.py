@@ -19,11 +19,14 @@ def forward(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF, out_TD, stats):
     ids_S = ids_TK.flatten()
     weights_S = weights_TK.flatten().to(acc_dtype)
     experts = ids_S.unique().tolist()
+    # Views of each expert taken in one unbind: its backward stacks the per-expert gradients
+    # once, where indexing gate_up[e] would add a full-size zero tensor per expert.
+    gate_up_E, down_E = gate_up_E2FD.unbind(0), down_EDF.unbind(0)
     for e in experts:
         pairs = (ids_S == e).nonzero().squeeze(1)
         tokens = pairs // K
-        gate, up = (x_TD[tokens] @ gate_up_E2FD[e].T).chunk(2, dim=-1)
-        y = (F.silu(gate) * up) @ down_EDF[e].T
+        gate, up = (x_TD[tokens] @ gate_up_E[e].T).chunk(2, dim=-1)
+        y = (F.silu(gate) * up) @ down_E[e].T
         acc_TD.index_add_(0, tokens, y.to(acc_dtype) * weights_S[pairs, None])
     if stats is not None:
         stats["launches"] = len(experts)
