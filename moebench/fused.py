@@ -4,26 +4,28 @@ The S token-expert pairs are stable-sorted by expert on the device and cut into 
 BLOCK_M sorted rows, each tile belonging to one expert; only experts that received tokens
 get tiles, so a layer with 8192 experts and a handful of tokens each launches no program for
 an empty expert and pads no expert to a fixed capacity (ideas from vLLM's
-moe_align_block_size and ScatterMoE's scatter2scatter). Everything on the host is torch ops
-with shapes known from the input shapes alone: no host synchronisation, so the layer can be
-captured in a CUDA graph. The grid has room for the most tiles any routing can produce,
-cdiv(S, BLOCK_M) + min(E, S); programs past the real tile count exit at once.
+moe_align_block_size and ScatterMoE's scatter2scatter). The schedule is one sort and two
+small kernels, with shapes known from the input shapes alone: no host synchronisation, so
+the layer can be captured in a CUDA graph. The grid has room for the most tiles any routing
+can produce, cdiv(S, BLOCK_M) + min(E, S); programs past the real tile count exit at once.
 
 Forward. Kernel 1 gathers each tile's rows of x straight from the unsorted input
 (token = pair // K, no permuted copy of x), computes the gate and up projections in one pass
 over D and stores h = silu(gate) * up in sorted row order. Kernel 2 multiplies h by the
-expert's down projection, scales each row by its routing weight and combines: fp32 atomic
-adds into the output by default; with `deterministic=True` each pair's row is stored in pair
-order and the K rows of a token are summed by torch in a fixed order, so the result is
-bitwise reproducible. With K == 1 a token has a single row, which is stored straight into
-the output.
+expert's down projection, scales each row by its routing weight and combines. By default
+(`combine="pairs"`) each pair's row is stored in pair order in x's dtype and the K rows of a
+token are summed by torch in a fixed order: bitwise reproducible, and half the bytes of an
+fp32 buffer (on an H100 at T=32768, D=4096, E=64, K=4 the fp32 atomic combine made the
+down kernel as slow as the gate/up kernel with twice its FLOPs). `combine="atomic"` adds
+fp32 rows into an fp32 buffer instead: one rounding per token rather than per pair, in a
+run-dependent order. With K == 1 a token has a single row, stored straight into the output.
 
 Backward, over the forward's schedule, from the saved h (gate and up are recomputed rather
 than stored: they would cost [S, 2F] of activation memory for one extra pass over D).
 Kernel 3 recomputes gate and up, computes g = dy[t] @ down[e] on the same tile, and writes
 dgate, dup = SwiGLU'(w * g) in sorted row order, plus dw[t, j] = <dy[t], down[e] @ h> =
 <g, h>, one partial sum per F block (reduced by torch, so always deterministic). dx is
-kernel 2 run on [dgate, dup] through the transposed gate_up, with the same combine modes.
+kernel 2 run on [dgate, dup] through the transposed gate_up, with the same combine.
 Kernel 4 computes the weight gradients: a program owns an output tile of one expert and
 reduces over that expert's sorted rows, so every expert, idle ones included, gets every
 element written (zeros where it received no token) and no atomics are needed.
@@ -56,6 +58,57 @@ DECODE_MAX_TOKENS = 64
 PATHS = ("decode", "prefill")
 # Read once: it decides at import whether @triton.jit builds interpreted kernels.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _expert_rows_kernel(
+    sorted_ids_ptr, offsets_ptr, tiles_ptr, S, E, SEARCH_STEPS,
+    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    # offsets[e] = the first sorted row whose expert is >= e (a vectorised binary search),
+    # for e in [0, E]; tiles[e] = cdiv(rows of e, BLOCK_M) for e < E.
+    o_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    lo_first = tl.zeros((BLOCK_E,), dtype=tl.int64)
+    hi_first = tl.zeros((BLOCK_E,), dtype=tl.int64) + S
+    lo_next = lo_first
+    hi_next = hi_first
+    for _ in range(SEARCH_STEPS):
+        mid = (lo_first + hi_first) // 2
+        below = tl.load(sorted_ids_ptr + mid, mask=mid < S, other=E) < o_e
+        lo_first = tl.where(below, mid + 1, lo_first)
+        hi_first = tl.where(below, hi_first, mid)
+        mid = (lo_next + hi_next) // 2
+        below = tl.load(sorted_ids_ptr + mid, mask=mid < S, other=E) < o_e + 1
+        lo_next = tl.where(below, mid + 1, lo_next)
+        hi_next = tl.where(below, hi_next, mid)
+    tl.store(offsets_ptr + o_e, lo_first, mask=o_e <= E)
+    tl.store(tiles_ptr + o_e, (lo_next - lo_first + BLOCK_M - 1) // BLOCK_M, mask=o_e < E)
+
+
+@triton.jit
+def _tile_slots_kernel(
+    offsets_ptr, tiles_ptr, tile_end_ptr, expert_ptr, start_ptr, end_ptr, N, E, SEARCH_STEPS,
+    BLOCK_M: tl.constexpr, BLOCK_SLOTS: tl.constexpr,
+):  # fmt: skip
+    # Slot n belongs to the first expert whose running tile count passes n; slots past the
+    # real tiles get start == end == 0 (and the last expert, so that loads stay in range).
+    o_n = tl.program_id(0) * BLOCK_SLOTS + tl.arange(0, BLOCK_SLOTS)
+    lo = tl.zeros((BLOCK_SLOTS,), dtype=tl.int64)
+    hi = tl.zeros((BLOCK_SLOTS,), dtype=tl.int64) + E
+    for _ in range(SEARCH_STEPS):
+        mid = (lo + hi) // 2
+        passed = tl.load(tile_end_ptr + mid, mask=mid < E, other=N) > o_n
+        lo = tl.where(passed, lo, mid + 1)
+        hi = tl.where(passed, mid, hi)
+    real = lo < E
+    expert = tl.minimum(lo, E - 1)
+    first_tile = tl.load(tile_end_ptr + expert) - tl.load(tiles_ptr + expert)
+    start = tl.load(offsets_ptr + expert) + (o_n - first_tile) * BLOCK_M
+    end = tl.minimum(tl.load(offsets_ptr + expert + 1), start + BLOCK_M)
+    m_n = o_n < N
+    tl.store(expert_ptr + o_n, expert, mask=m_n)
+    tl.store(start_ptr + o_n, tl.where(real, start, 0), mask=m_n)
+    tl.store(end_ptr + o_n, tl.where(real, end, 0), mask=m_n)
 
 
 @triton.jit
@@ -277,8 +330,8 @@ def _expert_grad_kernel(
     tl.store(p_out, b_out.to(out_ptr.dtype.element_ty), mask=m_n[:, None] & m_c[None, :])
 
 
-def _configs(path):
-    """Autotune search space of one path for the two forward kernels."""
+def _configs(path, kernel):
+    """Autotune search space of one path for one forward kernel ("gate_up" or "down")."""
     if _INTERPRET:
         # Small blocks so that test shapes cross block edges; no tuning under the interpreter.
         return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_SIZE_M": 4})]
@@ -291,13 +344,16 @@ def _configs(path):
             for s in (3, 4)
         ]
     # Wide blocks for large tiles; the deep-K ones suit many experts with BLOCK_M = 16.
+    # gate_up holds two accumulators, so its 128-wide blocks take 8 warps (with 4 they
+    # spill at BLOCK_M = 128: ptxas for sm_90, triton 3.6).
+    shapes = [(64, 32, 4, 4), (64, 64, 4, 3), (128, 32, 8, 4), (128, 64, 8, 3), (128, 64, 8, 4),
+              (32, 128, 4, 3), (64, 128, 4, 3)]  # fmt: skip
+    if kernel == "down":
+        shapes += [(128, 32, 4, 4), (128, 64, 4, 3)]
     return [
         triton.Config({"BLOCK_N": n, "BLOCK_K": k, "GROUP_SIZE_M": 8}, num_warps=w, num_stages=s)
-        for n, k, w, s in (
-            (64, 32, 4, 4), (64, 64, 4, 3), (128, 32, 4, 4), (128, 64, 4, 3),
-            (128, 32, 8, 4), (128, 64, 8, 3), (32, 128, 4, 3), (64, 128, 4, 3),
-        )
-    ]  # fmt: skip
+        for n, k, w, s in shapes
+    ]
 
 
 def _swiglu_backward_configs(path):
@@ -330,10 +386,11 @@ def _expert_grad_configs():
 
 
 _KEY = ["E", "D", "F", "K", "T_BUCKET"]
-_GATE_UP = {p: triton.autotune(_configs(p), key=_KEY)(_gate_up_kernel) for p in PATHS}
+_GATE_UP = {p: triton.autotune(_configs(p, "gate_up"), key=_KEY)(_gate_up_kernel) for p in PATHS}
 # Benchmarking a config adds into y; restoring it keeps the tuned call's result exact.
 _DOWN = {
-    p: triton.autotune(_configs(p), key=_KEY, restore_value=["y_ptr"])(_down_kernel) for p in PATHS
+    p: triton.autotune(_configs(p, "down"), key=_KEY, restore_value=["y_ptr"])(_down_kernel)
+    for p in PATHS
 }
 _SWIGLU_BACKWARD = {
     p: triton.autotune(_swiglu_backward_configs(p), key=_KEY)(_swiglu_backward_kernel)
@@ -362,26 +419,48 @@ class TileSchedule(NamedTuple):
 
 
 def tile_schedule(ids_TK, num_experts, block_m):
-    """Build the tile schedule with device ops only; N = cdiv(S, block_m) + min(E, S)."""
-    ids_S = ids_TK.reshape(-1)
-    S = ids_S.numel()
-    sorted_ids_S, order_S = torch.sort(ids_S, stable=True)
-    experts = torch.arange(num_experts + 1, device=ids_S.device, dtype=ids_S.dtype)
-    offsets_E1 = torch.searchsorted(sorted_ids_S, experts)  # first sorted row of each expert
-    tiles_E = (offsets_E1.diff() + block_m - 1) // block_m
-    tile_end_E = torch.cumsum(tiles_E, 0)
+    """Build the tile schedule on the device, N = cdiv(S, block_m) + min(E, S) slots.
 
+    One sort, then two small kernels around a cumsum (four launches: the schedule is on the
+    critical path of every call, and a chain of twenty torch ops cost more host time than
+    the layer's GEMMs at T=4096).
+    """
+    ids_S = ids_TK.reshape(-1)
+    S, E = ids_S.numel(), num_experts
+    sorted_ids_S, order_S = torch.sort(ids_S, stable=True)
+    offsets_E1 = torch.empty(E + 1, device=ids_S.device, dtype=torch.int64)
+    tiles_E = torch.empty(E, device=ids_S.device, dtype=torch.int64)
+    block_e = 256
+    _expert_rows_kernel[(triton.cdiv(E + 1, block_e),)](
+        sorted_ids_S, offsets_E1, tiles_E, S, E, S.bit_length(), BLOCK_M=block_m, BLOCK_E=block_e
+    )
+    tile_end_E = torch.cumsum(tiles_E, 0)
     # A nonempty expert with c rows has cdiv(c, block_m) <= c // block_m + 1 tiles.
-    slot_N = torch.arange(triton.cdiv(S, block_m) + min(num_experts, S), device=ids_S.device)
-    expert_N = torch.searchsorted(tile_end_E, slot_N, right=True)
-    real_N = expert_N < num_experts
-    expert_N = expert_N.clamp_(max=num_experts - 1)
-    first_tile_N = tile_end_E[expert_N] - tiles_E[expert_N]
-    start_N = offsets_E1[expert_N] + (slot_N - first_tile_N) * block_m
-    end_N = torch.minimum(offsets_E1[expert_N + 1], start_N + block_m)
-    start_N = torch.where(real_N, start_N, 0)
-    end_N = torch.where(real_N, end_N, 0)
+    N = triton.cdiv(S, block_m) + min(E, S)
+    expert_N, start_N, end_N = (order_S.new_empty(N) for _ in range(3))
+    block_slots = 256
+    _tile_slots_kernel[(triton.cdiv(N, block_slots),)](
+        offsets_E1, tiles_E, tile_end_E, expert_N, start_N, end_N, N, E, E.bit_length(),
+        BLOCK_M=block_m, BLOCK_SLOTS=block_slots,
+    )  # fmt: skip
     return TileSchedule(order_S, offsets_E1, expert_N, start_N, end_N)
+
+
+# torch.compile keeps the schedule's kernels as one graph node (it cannot trace launches of
+# interpreted kernels); eager calls skip the dispatcher.
+@torch.library.custom_op("moebench::tile_schedule", mutates_args=())
+def _tile_schedule_op(
+    ids_TK: torch.Tensor, num_experts: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(tile_schedule(ids_TK, num_experts, block_m))
+
+
+@_tile_schedule_op.register_fake
+def _(ids_TK, num_experts, block_m):
+    S = ids_TK.numel()
+    N = triton.cdiv(S, block_m) + min(num_experts, S)
+    new = lambda n: ids_TK.new_empty(n, dtype=torch.int64)
+    return new(S), new(num_experts + 1), new(N), new(N), new(N)
 
 
 def _trimmed(schedule):
@@ -416,16 +495,17 @@ def gate_up_swiglu(x_TD, gate_up_E2FD, schedule, top_k, path, t_bucket, block_m)
     return h_SF
 
 
-def _combine_mode(top_k, deterministic):
+COMBINES = ("pairs", "atomic")
+
+
+def _combine_mode(top_k, combine):
     if top_k == 1:
         return "store-direct"
-    if deterministic:
-        return "store-pairs"
-    return "atomic"
+    return {"pairs": "store-pairs", "atomic": "atomic"}[combine]
 
 
 def down_combine(h_SF, down_EDF, weights_S, schedule, out_TD, top_k, path, t_bucket, block_m,
-                 deterministic):  # fmt: skip
+                 combine):  # fmt: skip
     """out[t] = sum_j weights[t*K + j] * down[e] @ h[row of (t, j)]; writes every element of out.
 
     weights_S None means unweighted (the input gradient through the transposed gate_up).
@@ -433,11 +513,11 @@ def down_combine(h_SF, down_EDF, weights_S, schedule, out_TD, top_k, path, t_buc
     E, D, F = down_EDF.shape
     T, S = out_TD.shape[0], h_SF.shape[0]
     assert T * top_k == S and h_SF.shape[1] == F and out_TD.shape[1] == D, "shapes disagree"
-    combine = _combine_mode(top_k, deterministic)
+    combine = _combine_mode(top_k, combine)
     if combine == "store-direct":
         y = out_TD
     elif combine == "store-pairs":
-        y = out_TD.new_empty(S, D, dtype=torch.float32)
+        y = out_TD.new_empty(S, D)
     elif out_TD.dtype == torch.float32:
         y = out_TD.zero_()
     else:
@@ -449,7 +529,7 @@ def down_combine(h_SF, down_EDF, weights_S, schedule, out_TD, top_k, path, t_buc
         *y.stride(), WEIGHTED=weights_S is not None, ATOMIC=combine == "atomic", BLOCK_M=block_m,
     )  # fmt: skip
     if combine == "store-pairs":
-        out_TD.copy_(y.view(T, top_k, D).sum(1))
+        torch.sum(y.view(T, top_k, D), dim=1, out=out_TD)  # accumulates in fp32
     elif y is not out_TD:
         out_TD.copy_(y)
     return combine
@@ -515,7 +595,7 @@ def _fused_moe(
     x_TD: torch.Tensor, weights_TK: torch.Tensor, gate_up_E2FD: torch.Tensor,
     down_EDF: torch.Tensor, order_S: torch.Tensor, offsets_E1: torch.Tensor,
     expert_N: torch.Tensor, start_N: torch.Tensor, end_N: torch.Tensor, path: str,
-    block_m: int, deterministic: bool,
+    block_m: int, combine: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(y_TD, h_SF): the forward kernels, keeping h for the backward."""
     schedule = _trimmed(TileSchedule(order_S, offsets_E1, expert_N, start_N, end_N))
@@ -525,7 +605,7 @@ def _fused_moe(
     y_TD = torch.empty_like(x_TD)
     down_combine(
         h_SF, down_EDF, weights_TK.reshape(-1), schedule, y_TD, K, path, t_bucket, block_m,
-        deterministic,
+        combine,
     )  # fmt: skip
     return y_TD, h_SF
 
@@ -540,7 +620,7 @@ def _fused_moe_backward(
     dy_TD: torch.Tensor, x_TD: torch.Tensor, weights_TK: torch.Tensor,
     gate_up_E2FD: torch.Tensor, down_EDF: torch.Tensor, h_SF: torch.Tensor,
     order_S: torch.Tensor, offsets_E1: torch.Tensor, expert_N: torch.Tensor,
-    start_N: torch.Tensor, end_N: torch.Tensor, path: str, block_m: int, deterministic: bool,
+    start_N: torch.Tensor, end_N: torch.Tensor, path: str, block_m: int, combine: str,
     need_x: bool, need_weights: bool, need_gate_up: bool, need_down: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(dx_TD, dweights_TK, dgate_up_E2FD, ddown_EDF); an unneeded one is an empty tensor."""
@@ -558,7 +638,7 @@ def _fused_moe_backward(
         dx_TD = torch.empty_like(x_TD)
         down_combine(
             dgu_S2F, gate_up_E2FD.transpose(1, 2), None, schedule, dx_TD, K, path, t_bucket,
-            block_m, deterministic,
+            block_m, combine,
         )  # fmt: skip
     if need_gate_up:  # [dgate; dup]^T @ x rows
         dgate_up = expert_grad(dgu_S2F, x_TD, schedule, K, E, tuner="gate_up", gather_b=True)
@@ -580,10 +660,10 @@ def _(dy_TD, x_TD, weights_TK, gate_up_E2FD, down_EDF, h_SF, *schedule_and_optio
 
 
 def _setup_context(ctx, inputs, output):
-    x_TD, weights_TK, gate_up_E2FD, down_EDF, *schedule, path, block_m, deterministic = inputs
+    x_TD, weights_TK, gate_up_E2FD, down_EDF, *schedule, path, block_m, combine = inputs
     h_SF = output[1]
     ctx.save_for_backward(x_TD, weights_TK, gate_up_E2FD, down_EDF, h_SF, *schedule)
-    ctx.options = (path, block_m, deterministic)
+    ctx.options = (path, block_m, combine)
     ctx.mark_non_differentiable(h_SF)
     ctx.set_materialize_grads(False)
 
@@ -598,18 +678,21 @@ _fused_moe.register_autograd(_backward, setup_context=_setup_context)
 
 
 def forward(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF, out_TD, stats, *,
-            deterministic=False):  # fmt: skip
+            combine="pairs"):  # fmt: skip
     """y[t] = sum_j weights[t,j] * expert_{ids[t,j]}(x[t]), written into out_TD and returned.
 
     x_TD [T, D]; ids_TK [T, K] int64 in [0, E); weights_TK [T, K] float; gate_up_E2FD
     [E, 2F, D] (gate rows, then up rows); down_EDF [E, D, F]; out_TD [T, D] in x's dtype,
-    every element overwritten. Accumulates in fp32 and rounds once. `deterministic=True`
-    replaces the atomic combines (forward and dx) with fixed-order sums (bitwise
-    reproducible). When autograd needs gradients of x, weights_TK, gate_up or down, the
-    layer runs through the `moebench::fused_moe` op and out_TD carries the graph; otherwise
-    the kernels run straight into out_TD. stats, when a dict, receives the path, BLOCK_M,
+    every element overwritten. Accumulates in fp32; `combine` (forward and dx): "pairs"
+    rounds each pair's row to x's dtype and sums a token's K rows in a fixed order (bitwise
+    reproducible), "atomic" adds them into fp32 in a run-dependent order. When autograd
+    needs gradients of x, weights_TK, gate_up or down, the layer runs through the
+    `moebench::fused_moe` op and out_TD carries the graph; otherwise the kernels run
+    straight into out_TD. stats, when a dict, receives the path, BLOCK_M,
     tile slots, combine mode and the configs used.
     """
+    if combine not in COMBINES:
+        raise ValueError(f"unknown combine {combine!r}; known: {', '.join(COMBINES)}")
     if x_TD.device.type != "cuda" and not _INTERPRET:
         raise RuntimeError(
             "the triton implementation needs a CUDA device, or TRITON_INTERPRET=1 to run on the CPU"
@@ -624,22 +707,25 @@ def forward(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF, out_TD, stats, *,
 
     t_bucket = triton.next_power_of_2(T)
     block_m = _block_m(path, t_bucket, K, E)
-    schedule = tile_schedule(ids_TK, E, block_m)
+    if torch.compiler.is_compiling():
+        schedule = TileSchedule(*_tile_schedule_op(ids_TK, E, block_m))
+    else:
+        schedule = tile_schedule(ids_TK, E, block_m)
     tile_slots = schedule.expert_N.numel()
     differentiable = (x_TD, weights_TK, gate_up_E2FD, down_EDF)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
     if needs_grad or torch.compiler.is_compiling():
         # The op is what autograd differentiates and what torch.compile keeps as one node
         # (tracing into the kernel launches fails under the interpreter).
-        y_TD, _ = _fused_moe(*differentiable, *schedule, path, block_m, deterministic)
+        y_TD, _ = _fused_moe(*differentiable, *schedule, path, block_m, combine)
         out_TD.copy_(y_TD)
-        combine = _combine_mode(K, deterministic)
+        combine = _combine_mode(K, combine)
     else:
         schedule = _trimmed(schedule)
         h_SF = gate_up_swiglu(x_TD, gate_up_E2FD, schedule, K, path, t_bucket, block_m)
         combine = down_combine(
             h_SF, down_EDF, weights_TK.reshape(-1), schedule, out_TD, K, path, t_bucket, block_m,
-            deterministic,
+            combine,
         )  # fmt: skip
     if stats is not None:
         stats.update(

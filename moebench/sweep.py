@@ -260,6 +260,7 @@ def run_points(
     forward=None,
     timer=None,
     ceilings: harness.Ceilings | None = None,
+    checkpoint=None,
 ) -> list[dict]:
     """Measure every point x skew x impl; one record each (see RECORD_FIELDS).
 
@@ -268,6 +269,7 @@ def run_points(
     oracle (rel_err). progress(done, total, record) is called after each record.
     forward: the layer (default moebench.moe_forward), replaceable to plant a slowdown.
     timer, ceilings: default to the profile device's timer and ceilings measured now.
+    checkpoint(records), when given, is called with the records so far after each point.
     """
     p = grid.get_profile(profile)
     with harness.torch_threads(p.threads):
@@ -281,12 +283,12 @@ def run_points(
             "warmup": p.warmup if warmup is None else warmup,
             "check": check,
         }
-        records = _sweep(points, impls, skews, forward or moe_forward, progress, ctx)
+        records = _sweep(points, impls, skews, forward or moe_forward, progress, checkpoint, ctx)
     _add_imbalance(records)
     return records
 
 
-def _sweep(points, impls, skews, forward, progress, ctx) -> list[dict]:
+def _sweep(points, impls, skews, forward, progress, checkpoint, ctx) -> list[dict]:
     device, dtype = ctx["device"], torch_dtype(ctx["profile"].dtype)
     total = len(points) * len(skews) * len(impls)
     records: list[dict] = []
@@ -331,6 +333,8 @@ def _sweep(points, impls, skews, forward, progress, ctx) -> list[dict]:
                 done(record)
         del inputs
         _release(device)
+        if checkpoint is not None:
+            checkpoint(records)
     return records
 
 
@@ -410,13 +414,22 @@ def run_profile(
     progress=None,
 ) -> Path:
     """Measure the profile's families (ceilings first), write the run file, return its path
-    (`output`, else run_path(results_dir, env))."""
+    (`output`, else run_path(results_dir, env)). The file is rewritten after every point,
+    marked `"partial": true` in its env until the sweep ends, so a sweep that is stopped
+    keeps what it measured."""
     p = grid.get_profile(profile)
     timer = harness.make_timer(p.device, flush_l2=flush_l2, cuda_graph=cuda_graph)
     started = time.perf_counter()
     points = [pt for family in families or grid.families(p) for pt in grid.points(family, p)]
     with harness.torch_threads(p.threads):
         ceilings = ceilings_for(p, timer)
+        env = harness.environment(p.name, device=p.device, timer=timer, ceilings=ceilings)
+        path = output or run_path(results_dir, env)
+
+        def checkpoint(records):
+            duration = round(time.perf_counter() - started, 1)
+            write_run(path, {**env, "partial": True, "duration_s": duration}, records)
+
         records = run_points(
             points,
             impls,
@@ -426,10 +439,10 @@ def run_profile(
             progress=progress,
             timer=timer,
             ceilings=ceilings,
+            checkpoint=checkpoint,
         )
-        env = harness.environment(p.name, device=p.device, timer=timer, ceilings=ceilings)
     env["duration_s"] = round(time.perf_counter() - started, 1)
-    return write_run(output or run_path(results_dir, env), env, records)
+    return write_run(path, env, records)
 
 
 def asv_records(profile: grid.Profile, results_dir) -> dict:

@@ -1,4 +1,4 @@
-"""Tests specific to the `triton` layer: its tile schedule, both paths, the deterministic combine.
+"""Tests specific to the `triton` layer: its tile schedule, both paths, the two combines.
 
 T tokens, D model width, F expert hidden width, E experts, K experts per token, S = T*K.
 Without a GPU the kernels run under TRITON_INTERPRET=1, so shapes stay small.
@@ -56,12 +56,12 @@ def reference(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF):
     return y
 
 
-def run(case, deterministic=False):
+def run(case, combine="pairs"):
     """Call forward on a NaN-poisoned output; return it and the stats."""
     x_TD = case[0]
     out_TD = torch.full_like(x_TD, float("nan"))
     stats = {}
-    assert fused.forward(*case, out_TD, stats, deterministic=deterministic) is out_TD
+    assert fused.forward(*case, out_TD, stats, combine=combine) is out_TD
     assert not out_TD.isnan().any(), "some output elements were not written"
     return out_TD, stats
 
@@ -156,15 +156,21 @@ def test_many_experts_few_tokens(path):
 
 
 @pytest.mark.parametrize("T", [20, 100], ids=["decode", "prefill"])
-def test_deterministic_is_bitwise_reproducible(T):
+def test_pairs_combine_is_bitwise_reproducible(T):
     case = make_case(T=T, D=40, F=24, E=6, K=3, dtype=torch.float32)
-    first, stats = run(case, deterministic=True)
-    second, _ = run(case, deterministic=True)
+    first, stats = run(case)
+    second, _ = run(case)
     assert stats["combine"] == "store-pairs"
     assert torch.equal(first, second)
-    atomic, stats = run(case)
+    atomic, stats = run(case, combine="atomic")
     assert stats["combine"] == "atomic"
     assert rel_err(first, atomic.double().cpu()) < 1e-6
+
+
+def test_unknown_combine_is_refused():
+    case = make_case(T=4, D=16, F=16, E=4, K=2, dtype=torch.float32)
+    with pytest.raises(ValueError, match="unknown combine 'tree'"):
+        run(case, combine="tree")
 
 
 def test_path_is_chosen_by_token_count():
@@ -200,13 +206,13 @@ def reference_grads(case, dy_TD):
     return [t.grad for t in (x, w, gate_up, down)]
 
 
-def run_backward(case, dy_TD, deterministic=False, requires_grad=(True,) * 4):
+def run_backward(case, dy_TD, combine="pairs", requires_grad=(True,) * 4):
     """forward into a NaN-poisoned out, then backward(dy); the four grads (None if not asked)."""
     x, w, gate_up, down = inputs = leaves(case)
     for t, flag in zip(inputs, requires_grad, strict=True):
         t.requires_grad_(flag)
     out = torch.full_like(x, float("nan"))
-    fused.forward(x, case[1], w, gate_up, down, out, None, deterministic=deterministic)
+    fused.forward(x, case[1], w, gate_up, down, out, None, combine=combine)
     out.backward(dy_TD)
     return [t.grad for t in inputs]
 
@@ -235,8 +241,8 @@ def test_gradients_match_float64_reference(shape, dtype, path):
     assert_grads_match(got, reference_grads(case, dy_TD), case[1], dtype)
 
 
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
-def test_every_gradient_element_is_written(monkeypatch, path, deterministic):
+@pytest.mark.parametrize("combine", fused.COMBINES)
+def test_every_gradient_element_is_written(monkeypatch, path, combine):
     """With every buffer the layer allocates poisoned, idle experts still get exact zeros."""
     new_empty, empty_like = torch.Tensor.new_empty, torch.empty_like
     nan = lambda t: t.fill_(float("nan")) if t.is_floating_point() else t
@@ -244,7 +250,7 @@ def test_every_gradient_element_is_written(monkeypatch, path, deterministic):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan(empty_like(*a, **k)))
     case = make_case(T=3, D=16, F=16, E=16, K=2, dtype=torch.float32)
     dy_TD = torch.randn(3, 16, device=DEVICE)
-    got = run_backward(case, dy_TD, deterministic=deterministic)
+    got = run_backward(case, dy_TD, combine=combine)
     assert idle_experts(case[1], 16).sum() >= 10
     assert_grads_match(got, reference_grads(case, dy_TD), case[1], torch.float32)
 
@@ -270,13 +276,13 @@ def test_no_autograd_when_nothing_needs_grad():
 
 
 @pytest.mark.parametrize("T", [20, 100], ids=["decode", "prefill"])
-def test_deterministic_gradients_are_bitwise_reproducible(T):
+def test_pairs_gradients_are_bitwise_reproducible(T):
     case = make_case(T=T, D=40, F=24, E=6, K=3, dtype=torch.float32)
     dy_TD = torch.randn(T, 40, device=DEVICE)
-    first = run_backward(case, dy_TD, deterministic=True)
-    second = run_backward(case, dy_TD, deterministic=True)
+    first = run_backward(case, dy_TD)
+    second = run_backward(case, dy_TD)
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
-    atomic = run_backward(case, dy_TD)
+    atomic = run_backward(case, dy_TD, combine="atomic")
     assert all(rel_err(a, b.double().cpu()) < 1e-6 for a, b in zip(atomic, first, strict=True))
 
 
@@ -312,6 +318,7 @@ def test_torch_compile_keeps_forward_and_backward_ops_whole():
     dy_TD = torch.randn(8, 16, device=DEVICE)
     x, w, gate_up, down = inputs = leaves(case)
     compiled(x, case[1], w, gate_up, down).backward(dy_TD)
+    assert torch.ops.moebench.tile_schedule.default in seen["forward"]
     assert torch.ops.moebench.fused_moe.default in seen["forward"]
     assert torch.ops.moebench.fused_moe_backward.default in seen["backward"]
     eager = run_backward(case, dy_TD)

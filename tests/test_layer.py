@@ -130,13 +130,32 @@ def test_padded_refuses_a_buffer_that_cannot_fit():
 
 
 def test_sorted_reports_whether_grouped_mm_ran():
-    _, x, r, w = make_case("shared", "random", torch.float32, seed=2)
+    # grouped_mm takes fp32 on the CPU; on CUDA only bf16.
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    _, x, r, w = make_case("shared", "random", dtype, seed=2)
     stats = {}
     mb.moe_forward(x, r, w, impl="sorted", stats=stats)
     assert stats["grouped_mm"] is hasattr(torch.nn.functional, "grouped_mm")
-    _, x, r, w = make_case("odd", "random", torch.float32, seed=2)  # F=24: 96-byte rows
+    _, x, r, w = make_case("odd", "random", dtype, seed=2)  # F=24: 16-byte multiple rows
     mb.moe_forward(x, r, w, impl="sorted", stats=stats)
     assert stats["grouped_mm"] is hasattr(torch.nn.functional, "grouped_mm")
+    _, x, r, w = make_case("odd", "random", torch.float64, seed=2)
+    mb.moe_forward(x, r, w, impl="sorted", stats=stats)
+    assert stats["grouped_mm"] is False
+
+
+@pytest.mark.parametrize("skew", ["random", "collapse"])
+def test_sorted_runs_more_experts_than_one_grouped_gemm_takes(skew):
+    """CUDA's grouped GEMM takes at most 1024 groups: E=2500 runs in three slices."""
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    cfg = mb.MoEConfig(d_model=32, d_ff=16, num_experts=2500, top_k=4)
+    w = mb.ExpertWeights.random(cfg, dtype=dtype, device=DEVICE, seed=3)
+    r = mb.make_routing(700, cfg, skew=skew, seed=3, device=DEVICE)
+    x = torch.randn(700, 32, device=DEVICE).to(dtype)
+    stats = {}
+    y = run_poisoned("sorted", x, r, w, stats=stats)
+    assert stats["grouped_mm"] is hasattr(torch.nn.functional, "grouped_mm")
+    assert rel_err(y, mb.reference(x, r, w)) < TOLERANCE[dtype]
 
 
 def test_shared_experts_are_added_to_every_token():
