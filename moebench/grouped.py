@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _GROUPED_MM = getattr(F, "grouped_mm", None)
-# CUDA's grouped GEMM refuses more groups than this ("Can't process more than 1024 groups",
-# torch 2.11 on an H100); larger E runs in slices of experts.
-_MAX_GROUPS = 1024
+# CUDA's grouped GEMM refused E=1024 groups ("Can't process more than 1024 groups", torch
+# 2.11 on an H100); larger E runs in slices of this many experts.
+_MAX_GROUPS = 512
 
 
 def _has_grouped_mm(x_TD: torch.Tensor, d_ff: int) -> bool:
@@ -45,7 +45,7 @@ def _segment_mm(a_SN, w_EMN, ends_E, use_grouped):
         E = w_EMN.shape[0]
         if E <= _MAX_GROUPS:
             return grouped_mm(a_SN, w_EMN.transpose(1, 2), offs=ends_E.to(torch.int32))
-        # The last row of each slice of experts, on the host: one sync, for E > 1024 only.
+        # The last row of each slice of experts, on the host: one sync, for E > 512 only.
         firsts = range(0, E, _MAX_GROUPS)
         row_ends = ends_E[[min(e + _MAX_GROUPS, E) - 1 for e in firsts]].tolist()
         out = a_SN.new_empty(a_SN.shape[0], w_EMN.shape[1])

@@ -91,7 +91,8 @@ def test_tile_schedule_covers_every_pair_once(T, E, K, hot, block_m):
         ids_TK[:, 0] = used[0]
         ids_TK[:, 1] = used[1 + torch.arange(T) % (used.numel() - 1)]
     S = T * K
-    sched = fused.tile_schedule(ids_TK, E, block_m)
+    sched = fused.tile_schedule(ids_TK.to(DEVICE), E, block_m)
+    sched = fused.TileSchedule(*(t.cpu() for t in sched))
     ids_S = ids_TK.reshape(-1)
     sorted_ids = ids_S[sched.order_S]
 

@@ -6,6 +6,7 @@ import torch
 import moebench as mb
 
 D, F, E, K, T = 16, 32, 8, 2, 128
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def train(impl, aux_coef, steps, seed=0):
@@ -15,19 +16,21 @@ def train(impl, aux_coef, steps, seed=0):
     """
     gen = torch.Generator().manual_seed(seed)
     cfg = mb.MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=K)
-    w = mb.ExpertWeights.random(cfg, dtype=torch.float32, seed=seed)
-    shift = torch.randn(D, generator=gen)
+    w = mb.ExpertWeights.random(cfg, dtype=torch.float32, device=DEVICE, seed=seed)
+    # Drawn on the CPU generator, then moved: the same draws on every device.
+    randn = lambda *shape: torch.randn(*shape, generator=gen).to(DEVICE)
+    shift = randn(D)
     shift = 2 * shift / shift.norm()  # token features share a direction ...
-    router = 0.01 * torch.randn(E, D, generator=gen)
+    router = 0.01 * randn(E, D)
     router[:2] += shift  # ... that the router's experts 0 and 1 already favour
-    teacher = torch.randn(D, D, generator=gen) / D**0.5
+    teacher = randn(D, D) / D**0.5
     params = [router, w.gate_up, w.down]
     for p in params:
         p.requires_grad_()
     opt = torch.optim.Adam(params, lr=1e-2)
     losses = []
     for _ in range(steps):
-        x = torch.randn(T, D, generator=gen) + shift
+        x = randn(T, D) + shift
         logits = x @ router.T
         r = mb.route(logits, K, renormalize=False)
         loss = (mb.moe_forward(x, r, w, impl=impl) - torch.tanh(x @ teacher)).pow(2).mean()
@@ -35,7 +38,7 @@ def train(impl, aux_coef, steps, seed=0):
         (loss + aux_coef * mb.load_balancing_loss(logits, r.ids)).backward()
         opt.step()
         losses.append(loss.item())
-    x = torch.randn(4096, D, generator=gen) + shift
+    x = randn(4096, D) + shift
     with torch.no_grad():
         load = mb.load_stats(mb.route(x @ router.T, K), E).max_over_mean
     return sum(losses[:10]) / 10, sum(losses[-10:]) / 10, load
