@@ -108,6 +108,10 @@ def _env_lines(env: dict) -> list[str]:
         f"- timer: {env.get('timer')}; L2: {env.get('l2')}; harness version "
         f"{env.get('harness_version')}; run took {env.get('duration_s')} s",
     ]
+    if env.get("commit_note"):
+        lines.append(f"- note: {env['commit_note']}")
+    if env.get("partial"):
+        lines.append("- **partial run**: the sweep stopped before its last point")
     if env.get("clocks"):
         lines.append(f"- clocks: {env['clocks']}")
     if ceilings:

@@ -357,6 +357,29 @@ def test_sweep_command_writes_a_run_of_the_profile(tmp_path, capsys):
     assert set(frame["status"]) == {"ok"}
 
 
+def test_a_stopped_sweep_keeps_the_points_it_finished(tmp_path):
+    out = tmp_path / "run.json"
+    labels = [pt.label for pt in grid.points("scale-out", "tiny")]
+
+    def progress(done, total, record):
+        if record["label"] == labels[2]:
+            raise KeyboardInterrupt  # a timeout or Ctrl-C during the third point
+
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_profile(
+            "tiny", output=out, families=["scale-out"], impls=["sorted"],
+            skews=["balanced", "random"], check=False, progress=progress,
+        )  # fmt: skip
+    env, frame = sweep.load_run(out)
+    assert env["partial"] is True and env["duration_s"] > 0
+    assert list(frame["label"]) == [labels[0]] * 2 + [labels[1]] * 2
+    assert set(frame["status"]) == {"ok"}
+    sweep.run_profile("tiny", output=out, families=["scale-out"], impls=["sorted"],
+                      skews=["balanced"], check=False)  # fmt: skip
+    env, frame = sweep.load_run(out)
+    assert "partial" not in env and len(frame) == len(labels)
+
+
 def test_train_families_time_forward_and_backward():
     point = grid.points("models+bwd", "tiny")[0]
     assert point.family == "models+bwd" and "models+bwd" in grid.families("tiny")
