@@ -16,9 +16,10 @@ expert's down projection, scales each row by its routing weight and combines. By
 (`combine="pairs"`) each pair's row is stored in pair order in x's dtype and the K rows of a
 token are summed by torch in a fixed order: bitwise reproducible, and half the bytes of an
 fp32 buffer (on an H100 at T=32768, D=4096, E=64, K=4 the fp32 atomic combine made the
-down kernel as slow as the gate/up kernel with twice its FLOPs). `combine="atomic"` adds
-fp32 rows into an fp32 buffer instead: one rounding per token rather than per pair, in a
-run-dependent order. With K == 1 a token has a single row, stored straight into the output.
+down kernel take 3.6 ms, next to 4.0 ms for the gate/up kernel with twice its FLOPs).
+`combine="atomic"` adds fp32 rows into an fp32 buffer instead: one rounding per token
+rather than per pair, in a run-dependent order. With K == 1 a token has a single row,
+stored straight into the output.
 
 Backward, over the forward's schedule, from the saved h (gate and up are recomputed rather
 than stored: they would cost [S, 2F] of activation memory for one extra pass over D).
@@ -495,13 +496,13 @@ def gate_up_swiglu(x_TD, gate_up_E2FD, schedule, top_k, path, t_bucket, block_m)
     return h_SF
 
 
-COMBINES = ("pairs", "atomic")
+# The `combine` option -> what the down kernel does with each pair's row (K > 1).
+_COMBINE_MODES = {"pairs": "store-pairs", "atomic": "atomic"}
+COMBINES = tuple(_COMBINE_MODES)
 
 
 def _combine_mode(top_k, combine):
-    if top_k == 1:
-        return "store-direct"
-    return {"pairs": "store-pairs", "atomic": "atomic"}[combine]
+    return "store-direct" if top_k == 1 else _COMBINE_MODES[combine]
 
 
 def down_combine(h_SF, down_EDF, weights_S, schedule, out_TD, top_k, path, t_bucket, block_m,
