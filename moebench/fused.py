@@ -8,6 +8,10 @@ moe_align_block_size and ScatterMoE's scatter2scatter). The schedule is one sort
 small kernels, with shapes known from the input shapes alone: no host synchronisation, so
 the layer can be captured in a CUDA graph. The grid has room for the most tiles any routing
 can produce, cdiv(S, BLOCK_M) + min(E, S); programs past the real tile count exit at once.
+BLOCK_M follows the average expert load, which is the wrong height for the few experts that
+hold most rows under skewed routing (`collapse`, `hot`): prefill schedules with BLOCK_M < 128
+therefore cut each expert's full 128-row blocks into tall tiles, launched apart (S // 128
+more slots, a fixed 128 x 128 config), and only the remainder into BLOCK_M-row tiles.
 
 Forward. Kernel 1 gathers each tile's rows of x straight from the unsorted input
 (token = pair // K, no permuted copy of x), computes the gate and up projections in one pass
@@ -63,11 +67,12 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 @triton.jit
 def _expert_rows_kernel(
-    sorted_ids_ptr, offsets_ptr, tiles_ptr, S, E, SEARCH_STEPS,
+    sorted_ids_ptr, offsets_ptr, tiles_ptr, S, E, SEARCH_STEPS, big_m,
     BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
     # offsets[e] = the first sorted row whose expert is >= e (a vectorised binary search),
-    # for e in [0, E]; tiles[e] = cdiv(rows of e, BLOCK_M) for e < E.
+    # for e in [0, E]; for e < E, tiles[0, e] = rows of e // big_m (full big tiles) and
+    # tiles[1, e] = cdiv(the rest, BLOCK_M).
     o_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     lo_first = tl.zeros((BLOCK_E,), dtype=tl.int64)
     hi_first = tl.zeros((BLOCK_E,), dtype=tl.int64) + S
@@ -83,29 +88,43 @@ def _expert_rows_kernel(
         lo_next = tl.where(below, mid + 1, lo_next)
         hi_next = tl.where(below, hi_next, mid)
     tl.store(offsets_ptr + o_e, lo_first, mask=o_e <= E)
-    tl.store(tiles_ptr + o_e, (lo_next - lo_first + BLOCK_M - 1) // BLOCK_M, mask=o_e < E)
+    rows = lo_next - lo_first
+    full = rows // big_m
+    tl.store(tiles_ptr + o_e, full, mask=o_e < E)
+    rest_tiles = (rows - full * big_m + BLOCK_M - 1) // BLOCK_M
+    tl.store(tiles_ptr + E + o_e, rest_tiles, mask=o_e < E)
 
 
 @triton.jit
 def _tile_slots_kernel(
-    offsets_ptr, tiles_ptr, tile_end_ptr, expert_ptr, start_ptr, end_ptr, N, E, SEARCH_STEPS,
-    BLOCK_M: tl.constexpr, BLOCK_SLOTS: tl.constexpr,
+    offsets_ptr, tiles_ptr, tile_end_ptr, expert_ptr, start_ptr, end_ptr, N, E, big_slots, big_m,
+    SEARCH_STEPS, BLOCK_M: tl.constexpr, BLOCK_SLOTS: tl.constexpr,
 ):  # fmt: skip
-    # Slot n belongs to the first expert whose running tile count passes n; slots past the
-    # real tiles get start == end == 0 (and the last expert, so that loads stay in range).
+    # Slots [0, big_slots) hold big_m-row tiles, the others BLOCK_M-row tiles; within its
+    # section, slot n belongs to the first expert whose running tile count passes n. Slots
+    # past a section's real tiles get start == end == 0 (and the last expert, so that loads
+    # stay in range).
     o_n = tl.program_id(0) * BLOCK_SLOTS + tl.arange(0, BLOCK_SLOTS)
+    small = o_n >= big_slots
+    o_local = tl.where(small, o_n - big_slots, o_n)
+    row = tl.where(small, E, 0)  # row of tiles / tile_end: 0 big, 1 small
     lo = tl.zeros((BLOCK_SLOTS,), dtype=tl.int64)
     hi = tl.zeros((BLOCK_SLOTS,), dtype=tl.int64) + E
     for _ in range(SEARCH_STEPS):
         mid = (lo + hi) // 2
-        passed = tl.load(tile_end_ptr + mid, mask=mid < E, other=N) > o_n
+        passed = tl.load(tile_end_ptr + row + mid, mask=mid < E, other=N) > o_local
         lo = tl.where(passed, lo, mid + 1)
         hi = tl.where(passed, mid, hi)
     real = lo < E
     expert = tl.minimum(lo, E - 1)
-    first_tile = tl.load(tile_end_ptr + expert) - tl.load(tiles_ptr + expert)
-    start = tl.load(offsets_ptr + expert) + (o_n - first_tile) * BLOCK_M
-    end = tl.minimum(tl.load(offsets_ptr + expert + 1), start + BLOCK_M)
+    first_tile = tl.load(tile_end_ptr + row + expert) - tl.load(tiles_ptr + row + expert)
+    # An expert's small tiles start after its big ones.
+    first_row = tl.load(offsets_ptr + expert) + tl.where(
+        small, tl.load(tiles_ptr + expert) * big_m, 0
+    )
+    height = tl.where(small, BLOCK_M, big_m)
+    start = first_row + (o_local - first_tile) * height
+    end = tl.minimum(tl.load(offsets_ptr + expert + 1), start + height)
     m_n = o_n < N
     tl.store(expert_ptr + o_n, expert, mask=m_n)
     tl.store(start_ptr + o_n, tl.where(real, start, 0), mask=m_n)
@@ -127,17 +146,17 @@ def _tile_coords(pid, num_tiles, num_blocks_n, GROUP_SIZE_M: tl.constexpr):
 @triton.jit
 def _gate_up_kernel(
     x_ptr, w_ptr, h_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
-    D, F, K, E, T_BUCKET, num_tiles,
+    D, F, K, E, T_BUCKET, slot0, num_tiles,
     stride_xt, stride_xd, stride_we, stride_wf, stride_wd, stride_hs, stride_hf,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr,
 ):  # fmt: skip
     i_m, i_n = _tile_coords(tl.program_id(0), num_tiles, (F + BLOCK_N - 1) // BLOCK_N, GROUP_SIZE_M)
-    row_start = tl.load(tile_start_ptr + i_m)
-    row_end = tl.load(tile_end_ptr + i_m)
+    row_start = tl.load(tile_start_ptr + slot0 + i_m)
+    row_end = tl.load(tile_end_ptr + slot0 + i_m)
     if row_start >= row_end:
         return
-    i_e = tl.load(tile_expert_ptr + i_m)
+    i_e = tl.load(tile_expert_ptr + slot0 + i_m)
 
     o_m = row_start + tl.arange(0, BLOCK_M)
     m_m = o_m < row_end
@@ -171,17 +190,17 @@ def _gate_up_kernel(
 @triton.jit
 def _down_kernel(
     h_ptr, w_ptr, y_ptr, order_ptr, routing_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
-    D, F, K, E, T_BUCKET, num_tiles,
+    D, F, K, E, T_BUCKET, slot0, num_tiles,
     stride_hs, stride_hf, stride_we, stride_wd, stride_wf, stride_yr, stride_yd,
     WEIGHTED: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
 ):  # fmt: skip
     i_m, i_n = _tile_coords(tl.program_id(0), num_tiles, (D + BLOCK_N - 1) // BLOCK_N, GROUP_SIZE_M)
-    row_start = tl.load(tile_start_ptr + i_m)
-    row_end = tl.load(tile_end_ptr + i_m)
+    row_start = tl.load(tile_start_ptr + slot0 + i_m)
+    row_end = tl.load(tile_end_ptr + slot0 + i_m)
     if row_start >= row_end:
         return
-    i_e = tl.load(tile_expert_ptr + i_m)
+    i_e = tl.load(tile_expert_ptr + slot0 + i_m)
 
     o_m = row_start + tl.arange(0, BLOCK_M)
     m_m = o_m < row_end
@@ -216,7 +235,7 @@ def _down_kernel(
 def _swiglu_backward_kernel(
     x_ptr, dy_ptr, w1_ptr, w2_ptr, routing_ptr, dgu_ptr, dw_ptr, order_ptr, tile_expert_ptr,
     tile_start_ptr, tile_end_ptr,
-    D, F, K, E, T_BUCKET, num_tiles,
+    D, F, K, E, T_BUCKET, slot0, num_tiles,
     stride_xt, stride_xd, stride_dyt, stride_dyd, stride_w1e, stride_w1f, stride_w1d,
     stride_w2e, stride_w2d, stride_w2f, stride_gs, stride_gf, stride_dwn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -226,11 +245,11 @@ def _swiglu_backward_kernel(
     # spends about a quarter of this kernel's time checking int32 products for overflow.
     pid = tl.program_id(0).to(tl.int64)
     i_m, i_n = _tile_coords(pid, num_tiles, (F + BLOCK_N - 1) // BLOCK_N, GROUP_SIZE_M)
-    row_start = tl.load(tile_start_ptr + i_m)
-    row_end = tl.load(tile_end_ptr + i_m)
+    row_start = tl.load(tile_start_ptr + slot0 + i_m)
+    row_end = tl.load(tile_end_ptr + slot0 + i_m)
     if row_start >= row_end:
         return
-    i_e = tl.load(tile_expert_ptr + i_m)
+    i_e = tl.load(tile_expert_ptr + slot0 + i_m)
 
     o_m = row_start + tl.arange(0, BLOCK_M)
     m_m = o_m < row_end
@@ -346,15 +365,43 @@ def _configs(path, kernel):
         ]
     # Wide blocks for large tiles; the deep-K ones suit many experts with BLOCK_M = 16.
     # gate_up holds two accumulators, so its 128-wide blocks take 8 warps (with 4 they
-    # spill at BLOCK_M = 128: ptxas for sm_90, triton 3.6).
+    # spill at BLOCK_M = 128: ptxas for sm_90, triton 3.6). The narrow ones are for experts
+    # 8 to 16 wide (iso-params at E >= 4096); _prune keeps them for those only.
     shapes = [(64, 32, 4, 4), (64, 64, 4, 3), (128, 32, 8, 4), (128, 64, 8, 3), (128, 64, 8, 4),
               (32, 128, 4, 3), (64, 128, 4, 3)]  # fmt: skip
-    if kernel == "down":
-        shapes += [(128, 32, 4, 4), (128, 64, 4, 3)]
+    if kernel == "gate_up":
+        shapes += [(16, 128, 4, 3), (16, 256, 4, 3)]
+    else:
+        # Narrow experts give down a short reduction (F) over a wide output (D): wide, shallow
+        # blocks make fewer, longer programs. 256 wide only with BLOCK_M <= 32 (see _prune).
+        shapes += [(128, 32, 4, 4), (128, 64, 4, 3), (128, 16, 4, 4), (256, 16, 4, 3),
+                   (256, 32, 4, 3)]  # fmt: skip
     return [
         triton.Config({"BLOCK_N": n, "BLOCK_K": k, "GROUP_SIZE_M": 8}, num_warps=w, num_stages=s)
         for n, k, w, s in shapes
     ]
+
+
+def _prune(kernel):
+    """The configs worth timing for one problem: no block much wider than the expert.
+
+    gate_up's N dimension is F, down's reduction is F; blocks are at least 16 (tl.dot's
+    minimum), and down's 256-wide blocks need BLOCK_M <= 32 (at 128 their fp32
+    accumulator spills). Fewer candidates also shorten the first call's tuning.
+    """
+
+    def prune(configs, nargs, **kwargs):
+        cap = max(16, _pow2(nargs["F"]))
+        dim = "BLOCK_N" if kernel == "gate_up" else "BLOCK_K"
+        kept = [
+            c for c in configs
+            if c.kwargs[dim] <= cap
+            and (c.kwargs[dim] > 16 or cap == 16)
+            and (c.kwargs["BLOCK_N"] < 256 or kwargs["BLOCK_M"] <= 32)
+        ]  # fmt: skip
+        return kept or configs
+
+    return prune
 
 
 def _swiglu_backward_configs(path):
@@ -387,12 +434,20 @@ def _expert_grad_configs():
 
 
 _KEY = ["E", "D", "F", "K", "T_BUCKET"]
-_GATE_UP = {p: triton.autotune(_configs(p, "gate_up"), key=_KEY)(_gate_up_kernel) for p in PATHS}
-# Benchmarking a config adds into y; restoring it keeps the tuned call's result exact.
-_DOWN = {
-    p: triton.autotune(_configs(p, "down"), key=_KEY, restore_value=["y_ptr"])(_down_kernel)
+_GATE_UP = {
+    p: triton.autotune(
+        _configs(p, "gate_up"), key=_KEY, prune_configs_by={"early_config_prune": _prune("gate_up")}
+    )(_gate_up_kernel)
     for p in PATHS
 }
+# Benchmarking a config adds into y; restoring it keeps the tuned call's result exact.
+_DOWN = {
+    p: triton.autotune(
+        _configs(p, "down"), key=_KEY, restore_value=["y_ptr"],
+        prune_configs_by={"early_config_prune": _prune("down")},
+    )(_down_kernel)
+    for p in PATHS
+}  # fmt: skip
 _SWIGLU_BACKWARD = {
     p: triton.autotune(_swiglu_backward_configs(p), key=_KEY)(_swiglu_backward_kernel)
     for p in PATHS
@@ -403,13 +458,65 @@ _EXPERT_GRAD = {
     for w in ("gate_up", "down")
 }
 
+# Tall tiles for the experts that hold many rows when the average expert holds few (skewed
+# routing over many experts): BIG_M-row tiles over each expert's full BIG_M blocks, launched
+# apart from the BLOCK_M-row tiles over the rest. Their config is fixed, not tuned: a tuner
+# keyed on the shapes would time them on whatever routing came first, often one with no
+# full block at all. 128 x 128 blocks with 8 warps: the Hopper matmul shape (no spills
+# with ptxas for sm_90, triton 3.6).
+BIG_M = 128
+_BIG_CONFIG = {
+    kernel: triton.Config({"BLOCK_N": n, "BLOCK_K": k, "GROUP_SIZE_M": 8}, num_warps=w,
+                          num_stages=st).all_kwargs()
+    for kernel, (n, k, w, st) in {
+        _gate_up_kernel: (128, 64, 8, 3),
+        _down_kernel: (128, 64, 8, 3),
+        _swiglu_backward_kernel: (64, 32, 8, 3),
+    }.items()
+}  # fmt: skip
+if _INTERPRET:
+    _BIG_CONFIG = {kernel: _configs("prefill", "gate_up")[0].all_kwargs() for kernel in _BIG_CONFIG}
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _pow2(n):
+    """The smallest power of two >= n (triton.next_power_of_2 without its host overhead)."""
+    return 1 << (n - 1).bit_length()
+
+
+# Tuned configs by problem. After a kernel's first call for a problem, the launch goes to the
+# kernel with its config and a tuple grid: triton's Autotuner rebuilds its key from every
+# argument on each call, 10-12 us of host time per launch (triton 3.6 and 3.9, the launch
+# itself stubbed out, on a 2-core EPYC), and small layers are bound by host time.
+_TUNED: dict[tuple, dict] = {}
+
+
+def _launch(tuner, grid, args, key, **constexprs):
+    """tuner[grid](*args, **constexprs); returns the config it ran with.
+
+    key: the problem as the tuner keys it (sizes, dtypes). grid(config) -> grid tuple.
+    """
+    key = (tuner, *key, *constexprs.values())
+    config = _TUNED.get(key)
+    if config is None:
+        tuner[grid](*args, **constexprs)
+        config = _TUNED[key] = tuner.best_config.all_kwargs()
+    else:
+        tuner.fn[grid(config)](*args, **constexprs, **config)
+    return config
+
 
 class TileSchedule(NamedTuple):
-    """Pairs sorted by expert, cut into tiles of at most BLOCK_M rows of one expert.
+    """Pairs sorted by expert, cut into tiles of rows of one expert.
 
     Expert e owns sorted rows [offsets_E1[e], offsets_E1[e + 1]). Tile n covers sorted rows
     [start_N[n], end_N[n]) of expert expert_N[n]; slots past the real tile count have
-    start == end == 0.
+    start == end == 0. With two heights, the first big_slots(S, big_m) slots hold tiles of
+    big_m rows over each expert's full big_m blocks, the others tiles of at most BLOCK_M
+    rows over the rest.
     """
 
     order_S: torch.Tensor  # [S] pair index t*K + j of each sorted row, stable within an expert
@@ -419,30 +526,48 @@ class TileSchedule(NamedTuple):
     end_N: torch.Tensor  # [N] one past its last sorted row
 
 
-def tile_schedule(ids_TK, num_experts, block_m):
-    """Build the tile schedule on the device, N = cdiv(S, block_m) + min(E, S) slots.
+def big_slots(S, big_m):
+    """Slots for big_m-row tiles: every full block of every expert (0 with one height)."""
+    return S // big_m if big_m else 0
 
-    One sort, then two small kernels around a cumsum (four launches: the schedule is on the
-    critical path of every call, and a chain of twenty torch ops cost more host time than
-    the layer's GEMMs at T=4096).
+
+def tile_slots(S, E, block_m, big_m=0):
+    """N: room for the most tiles any routing of S pairs over E experts can produce.
+
+    A nonempty expert with c rows left after its full big_m blocks has
+    cdiv(c, block_m) <= c // block_m + 1 small tiles.
+    """
+    return big_slots(S, big_m) + _cdiv(S, block_m) + min(E, S)
+
+
+def tile_schedule(ids_TK, num_experts, block_m, big_m=0):
+    """Build the tile schedule on the device: N = tile_slots(S, E, block_m, big_m) slots.
+
+    big_m > block_m gives two tile heights, 0 one. One sort, then two small kernels
+    around a cumsum (four launches: the schedule is on the critical path of every call, and
+    a chain of twenty torch ops cost more host time than the layer's GEMMs at T=4096).
     """
     ids_S = ids_TK.reshape(-1)
     S, E = ids_S.numel(), num_experts
+    if big_m and big_m <= block_m:
+        raise ValueError(f"big_m={big_m} must exceed block_m={block_m}, or be 0 (one height)")
     sorted_ids_S, order_S = torch.sort(ids_S, stable=True)
     offsets_E1 = torch.empty(E + 1, device=ids_S.device, dtype=torch.int64)
-    tiles_E = torch.empty(E, device=ids_S.device, dtype=torch.int64)
+    tiles_2E = torch.empty(2, E, device=ids_S.device, dtype=torch.int64)
+    # With one height no expert fills a block of S + 1 rows.
+    height = big_m or S + 1
     block_e = 256
-    _expert_rows_kernel[(triton.cdiv(E + 1, block_e),)](
-        sorted_ids_S, offsets_E1, tiles_E, S, E, S.bit_length(), BLOCK_M=block_m, BLOCK_E=block_e
-    )
-    tile_end_E = torch.cumsum(tiles_E, 0)
-    # A nonempty expert with c rows has cdiv(c, block_m) <= c // block_m + 1 tiles.
-    N = triton.cdiv(S, block_m) + min(E, S)
+    _expert_rows_kernel[(_cdiv(E + 1, block_e),)](
+        sorted_ids_S, offsets_E1, tiles_2E, S, E, S.bit_length(), height, BLOCK_M=block_m,
+        BLOCK_E=block_e,
+    )  # fmt: skip
+    tile_end_2E = torch.cumsum(tiles_2E, 1)
+    N = tile_slots(S, E, block_m, big_m)
     expert_N, start_N, end_N = (order_S.new_empty(N) for _ in range(3))
     block_slots = 256
-    _tile_slots_kernel[(triton.cdiv(N, block_slots),)](
-        offsets_E1, tiles_E, tile_end_E, expert_N, start_N, end_N, N, E, E.bit_length(),
-        BLOCK_M=block_m, BLOCK_SLOTS=block_slots,
+    _tile_slots_kernel[(_cdiv(N, block_slots),)](
+        offsets_E1, tiles_2E, tile_end_2E, expert_N, start_N, end_N, N, E, big_slots(S, big_m),
+        height, E.bit_length(), BLOCK_M=block_m, BLOCK_SLOTS=block_slots,
     )  # fmt: skip
     return TileSchedule(order_S, offsets_E1, expert_N, start_N, end_N)
 
@@ -451,49 +576,77 @@ def tile_schedule(ids_TK, num_experts, block_m):
 # interpreted kernels); eager calls skip the dispatcher.
 @torch.library.custom_op("moebench::tile_schedule", mutates_args=())
 def _tile_schedule_op(
-    ids_TK: torch.Tensor, num_experts: int, block_m: int
+    ids_TK: torch.Tensor, num_experts: int, block_m: int, big_m: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(tile_schedule(ids_TK, num_experts, block_m))
+    return tuple(tile_schedule(ids_TK, num_experts, block_m, big_m))
 
 
 @_tile_schedule_op.register_fake
-def _(ids_TK, num_experts, block_m):
+def _(ids_TK, num_experts, block_m, big_m):
     S = ids_TK.numel()
-    N = triton.cdiv(S, block_m) + min(num_experts, S)
+    N = tile_slots(S, num_experts, block_m, big_m)
     new = lambda n: ids_TK.new_empty(n, dtype=torch.int64)
     return new(S), new(num_experts + 1), new(N), new(N), new(N)
 
 
-def _trimmed(schedule):
-    """Under the interpreter, drop the empty tile slots past the real ones.
+class Section(NamedTuple):
+    """One launch of a tile kernel: slots [slot0, slot0 + slots), tiles of block_m rows."""
 
-    The interpreter runs every program in Python, empty slots too; on the CPU the host sync
-    that finds the real tile count is free. Compiled kernels keep the sync-free full grid.
+    slot0: int
+    slots: int
+    block_m: int
+    tuned: bool  # the tuned config, or the fixed big-tile one
+
+
+def _sections(schedule, block_m, big_m):
+    """The launches over a schedule: the big-tile slots (if any), then the others.
+
+    Compiled kernels launch every slot (no host sync). The interpreter runs every program
+    in Python, empty slots too, so there each section launches only its real tiles (a
+    prefix of the section); on the CPU the host sync that counts them is free.
     """
-    if not _INTERPRET:
-        return schedule
-    real = int(schedule.end_N.count_nonzero())
-    expert_N, start_N, end_N = (t[:real] for t in schedule[2:])
-    return schedule._replace(expert_N=expert_N, start_N=start_N, end_N=end_N)
+    S, N = schedule.order_S.numel(), schedule.expert_N.numel()
+    big = big_slots(S, big_m)
+    sections = [Section(big, N - big, block_m, True)]
+    if big:
+        sections.insert(0, Section(0, big, big_m, False))
+    if _INTERPRET:
+        sections = [
+            s._replace(slots=int(schedule.end_N[s.slot0 : s.slot0 + s.slots].count_nonzero()))
+            for s in sections
+        ]
+    return [s for s in sections if s.slots]
 
 
-def _grid(num_tiles, width):
-    return lambda META: (num_tiles * triton.cdiv(width, META["BLOCK_N"]),)
+def _tile_launch(tuner, section, width, args, key, **constexprs):
+    """A tile kernel over one section: a program per (tile slot, BLOCK_N block of width)."""
+    grid = lambda meta: (section.slots * _cdiv(width, meta["BLOCK_N"]),)
+    if section.tuned:
+        return _launch(tuner, grid, args, key, BLOCK_M=section.block_m, **constexprs)
+    config = _BIG_CONFIG[tuner.fn]
+    tuner.fn[grid(config)](*args, BLOCK_M=section.block_m, **constexprs, **config)
+    return config
 
 
-def gate_up_swiglu(x_TD, gate_up_E2FD, schedule, top_k, path, t_bucket, block_m):
-    """h_SF = silu(gate[e] @ x[t]) * (up[e] @ x[t]) for every sorted row; [S, F], x's dtype."""
+def gate_up_swiglu(x_TD, gate_up_E2FD, schedule, sections, top_k, path, t_bucket):
+    """h_SF = silu(gate[e] @ x[t]) * (up[e] @ x[t]) for every sorted row; [S, F], x's dtype.
+
+    Returns h_SF and the config of the last section's launch.
+    """
     E, F2, D = gate_up_E2FD.shape
     assert F2 % 2 == 0 and x_TD.shape[1] == D, "gate_up must be [E, 2F, D] with x [T, D]"
     F = F2 // 2
     h_SF = x_TD.new_empty(schedule.order_S.numel(), F)
-    num_tiles = schedule.expert_N.numel()
-    _GATE_UP[path][_grid(num_tiles, F)](
-        x_TD, gate_up_E2FD, h_SF, schedule.order_S, schedule.expert_N, schedule.start_N,
-        schedule.end_N, D, F, top_k, E, t_bucket, num_tiles, *x_TD.stride(),
-        *gate_up_E2FD.stride(), *h_SF.stride(), BLOCK_M=block_m,
-    )  # fmt: skip
-    return h_SF
+    config = None
+    for section in sections:
+        args = (
+            x_TD, gate_up_E2FD, h_SF, schedule.order_S, schedule.expert_N, schedule.start_N,
+            schedule.end_N, D, F, top_k, E, t_bucket, section.slot0, section.slots,
+            *x_TD.stride(), *gate_up_E2FD.stride(), *h_SF.stride(),
+        )  # fmt: skip
+        key = (E, D, F, top_k, t_bucket, x_TD.dtype, gate_up_E2FD.dtype)
+        config = _tile_launch(_GATE_UP[path], section, F, args, key)
+    return h_SF, config
 
 
 # The `combine` option -> what the down kernel does with each pair's row (K > 1).
@@ -505,11 +658,12 @@ def _combine_mode(top_k, combine):
     return "store-direct" if top_k == 1 else _COMBINE_MODES[combine]
 
 
-def down_combine(h_SF, down_EDF, weights_S, schedule, out_TD, top_k, path, t_bucket, block_m,
+def down_combine(h_SF, down_EDF, weights_S, schedule, sections, out_TD, top_k, path, t_bucket,
                  combine):  # fmt: skip
     """out[t] = sum_j weights[t*K + j] * down[e] @ h[row of (t, j)]; writes every element of out.
 
     weights_S None means unweighted (the input gradient through the transposed gate_up).
+    Returns the combine mode and the config of the last section's launch.
     """
     E, D, F = down_EDF.shape
     T, S = out_TD.shape[0], h_SF.shape[0]
@@ -523,40 +677,51 @@ def down_combine(h_SF, down_EDF, weights_S, schedule, out_TD, top_k, path, t_buc
         y = out_TD.zero_()
     else:
         y = out_TD.new_zeros(T, D, dtype=torch.float32)
-    num_tiles = schedule.expert_N.numel()
-    _DOWN[path][_grid(num_tiles, D)](
-        h_SF, down_EDF, y, schedule.order_S, weights_S, schedule.expert_N, schedule.start_N,
-        schedule.end_N, D, F, top_k, E, t_bucket, num_tiles, *h_SF.stride(), *down_EDF.stride(),
-        *y.stride(), WEIGHTED=weights_S is not None, ATOMIC=combine == "atomic", BLOCK_M=block_m,
-    )  # fmt: skip
+    config = None
+    weighted = weights_S is not None
+    for section in sections:
+        args = (
+            h_SF, down_EDF, y, schedule.order_S, weights_S, schedule.expert_N, schedule.start_N,
+            schedule.end_N, D, F, top_k, E, t_bucket, section.slot0, section.slots,
+            *h_SF.stride(), *down_EDF.stride(), *y.stride(),
+        )  # fmt: skip
+        key = (E, D, F, top_k, t_bucket, h_SF.dtype, y.dtype, weighted and weights_S.dtype)
+        config = _tile_launch(
+            _DOWN[path], section, D, args, key, WEIGHTED=weighted, ATOMIC=combine == "atomic"
+        )
     if combine == "store-pairs":
         torch.sum(y.view(T, top_k, D), dim=1, out=out_TD)  # accumulates in fp32
     elif y is not out_TD:
         out_TD.copy_(y)
-    return combine
+    return combine, config
 
 
-def swiglu_backward(dy_TD, x_TD, weights_TK, gate_up_E2FD, down_EDF, schedule, path, t_bucket,
-                    block_m):  # fmt: skip
+def swiglu_backward(dy_TD, x_TD, weights_TK, gate_up_E2FD, down_EDF, schedule, sections, path,
+                    t_bucket):  # fmt: skip
     """([dgate, dup] [S, 2F] in sorted rows, x's dtype; dweights [T, K] in the weights' dtype)."""
     E, D, F = down_EDF.shape
     T, K = weights_TK.shape
     S = T * K
     dgu_S2F = x_TD.new_empty(S, 2 * F)
-    # One partial row per F block; the tuned BLOCK_N is known only after the launch, so
-    # allocate for the narrowest config and sum the rows the chosen one wrote.
-    min_block_n = min(c.kwargs["BLOCK_N"] for c in _SWIGLU_BACKWARD[path].configs)
-    dw_partial = x_TD.new_empty(triton.cdiv(F, min_block_n), S, dtype=torch.float32)
-    num_tiles = schedule.expert_N.numel()
-    kernel = _SWIGLU_BACKWARD[path]
-    kernel[_grid(num_tiles, F)](
-        x_TD, dy_TD, gate_up_E2FD, down_EDF, weights_TK.reshape(-1), dgu_S2F, dw_partial,
-        schedule.order_S, schedule.expert_N, schedule.start_N, schedule.end_N, D, F, K, E,
-        t_bucket, num_tiles, *x_TD.stride(), *dy_TD.stride(), *gate_up_E2FD.stride(),
-        *down_EDF.stride(), *dgu_S2F.stride(), dw_partial.stride(0), BLOCK_M=block_m,
-    )  # fmt: skip
-    blocks_n = triton.cdiv(F, kernel.best_config.kwargs["BLOCK_N"])
-    dw_TK = dw_partial[:blocks_n].sum(0).view(T, K).to(weights_TK.dtype)
+    # One partial row per F block. The tuned BLOCK_N is known only after the launch, so
+    # allocate for the narrowest config; with two sections, zeros where the other writes.
+    tuner = _SWIGLU_BACKWARD[path]
+    widths = [c.kwargs["BLOCK_N"] for c in tuner.configs] + [_BIG_CONFIG[tuner.fn]["BLOCK_N"]]
+    rows = _cdiv(F, min(widths))
+    alloc = x_TD.new_zeros if len(sections) > 1 else x_TD.new_empty
+    dw_partial = alloc(rows, S, dtype=torch.float32)
+    used = 0
+    for section in sections:
+        args = (
+            x_TD, dy_TD, gate_up_E2FD, down_EDF, weights_TK.reshape(-1), dgu_S2F, dw_partial,
+            schedule.order_S, schedule.expert_N, schedule.start_N, schedule.end_N, D, F, K, E,
+            t_bucket, section.slot0, section.slots, *x_TD.stride(), *dy_TD.stride(),
+            *gate_up_E2FD.stride(), *down_EDF.stride(), *dgu_S2F.stride(), dw_partial.stride(0),
+        )  # fmt: skip
+        key = (E, D, F, K, t_bucket, x_TD.dtype, weights_TK.dtype)
+        config = _tile_launch(tuner, section, F, args, key)
+        used = max(used, _cdiv(F, config["BLOCK_N"]))
+    dw_TK = dw_partial[:used].sum(0).view(T, K).to(weights_TK.dtype)
     return dgu_S2F, dw_TK
 
 
@@ -570,13 +735,16 @@ def expert_grad(a_SN, b_SC, schedule, top_k, num_experts, *, tuner, weights_S=No
     """
     N, C, S = a_SN.shape[1], b_SC.shape[1], schedule.order_S.numel()
     out_ENC = a_SN.new_empty(num_experts, N, C)
-    grid = lambda META: (
-        num_experts * triton.cdiv(N, META["BLOCK_N"]) * triton.cdiv(C, META["BLOCK_C"]),
-    )
-    _EXPERT_GRAD[tuner][grid](
+    grid = lambda meta: (num_experts * _cdiv(N, meta["BLOCK_N"]) * _cdiv(C, meta["BLOCK_C"]),)
+    weighted = weights_S is not None
+    args = (
         a_SN, b_SC, out_ENC, schedule.order_S, weights_S, schedule.offsets_E1, N, C, top_k,
-        num_experts, triton.next_power_of_2(S), *a_SN.stride(), *b_SC.stride(),
-        *out_ENC.stride(), GATHER_A=gather_a, GATHER_B=gather_b, WEIGHTED=weights_S is not None,
+        num_experts, _pow2(S), *a_SN.stride(), *b_SC.stride(), *out_ENC.stride(),
+    )  # fmt: skip
+    key = (num_experts, N, C, _pow2(S), a_SN.dtype, b_SC.dtype, weighted and weights_S.dtype)
+    _launch(
+        _EXPERT_GRAD[tuner], grid, args, key, GATHER_A=gather_a, GATHER_B=gather_b,
+        WEIGHTED=weighted,
     )  # fmt: skip
     return out_ENC
 
@@ -585,8 +753,15 @@ def _block_m(path, t_bucket, top_k, num_experts):
     """Tile height: 16 for decode, else the expected rows per expert as a power of two."""
     if path == "decode":
         return 16
-    rows_per_expert = triton.cdiv(t_bucket * top_k, num_experts)
-    return min(128, max(16, triton.next_power_of_2(rows_per_expert)))
+    return min(BIG_M, max(16, _pow2(_cdiv(t_bucket * top_k, num_experts))))
+
+
+def _big_m(path, block_m):
+    """The second tile height: BIG_M when prefill tiles are shorter, else 0 (one height).
+
+    Decode has none: an expert holds at most T <= DECODE_MAX_TOKENS < BIG_M rows.
+    """
+    return BIG_M if path == "prefill" and block_m < BIG_M else 0
 
 
 # The schedule is built outside the ops (plain torch ops that torch.compile traces) and passed
@@ -596,16 +771,17 @@ def _fused_moe(
     x_TD: torch.Tensor, weights_TK: torch.Tensor, gate_up_E2FD: torch.Tensor,
     down_EDF: torch.Tensor, order_S: torch.Tensor, offsets_E1: torch.Tensor,
     expert_N: torch.Tensor, start_N: torch.Tensor, end_N: torch.Tensor, path: str,
-    block_m: int, combine: str,
+    block_m: int, big_m: int, combine: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(y_TD, h_SF): the forward kernels, keeping h for the backward."""
-    schedule = _trimmed(TileSchedule(order_S, offsets_E1, expert_N, start_N, end_N))
+    schedule = TileSchedule(order_S, offsets_E1, expert_N, start_N, end_N)
+    sections = _sections(schedule, block_m, big_m)
     T, K = weights_TK.shape
-    t_bucket = triton.next_power_of_2(T)
-    h_SF = gate_up_swiglu(x_TD, gate_up_E2FD, schedule, K, path, t_bucket, block_m)
+    t_bucket = _pow2(T)
+    h_SF, _ = gate_up_swiglu(x_TD, gate_up_E2FD, schedule, sections, K, path, t_bucket)
     y_TD = torch.empty_like(x_TD)
     down_combine(
-        h_SF, down_EDF, weights_TK.reshape(-1), schedule, y_TD, K, path, t_bucket, block_m,
+        h_SF, down_EDF, weights_TK.reshape(-1), schedule, sections, y_TD, K, path, t_bucket,
         combine,
     )  # fmt: skip
     return y_TD, h_SF
@@ -621,25 +797,26 @@ def _fused_moe_backward(
     dy_TD: torch.Tensor, x_TD: torch.Tensor, weights_TK: torch.Tensor,
     gate_up_E2FD: torch.Tensor, down_EDF: torch.Tensor, h_SF: torch.Tensor,
     order_S: torch.Tensor, offsets_E1: torch.Tensor, expert_N: torch.Tensor,
-    start_N: torch.Tensor, end_N: torch.Tensor, path: str, block_m: int, combine: str,
-    need_x: bool, need_weights: bool, need_gate_up: bool, need_down: bool,
+    start_N: torch.Tensor, end_N: torch.Tensor, path: str, block_m: int, big_m: int,
+    combine: str, need_x: bool, need_weights: bool, need_gate_up: bool, need_down: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(dx_TD, dweights_TK, dgate_up_E2FD, ddown_EDF); an unneeded one is an empty tensor."""
-    schedule = _trimmed(TileSchedule(order_S, offsets_E1, expert_N, start_N, end_N))
+    schedule = TileSchedule(order_S, offsets_E1, expert_N, start_N, end_N)
+    sections = _sections(schedule, block_m, big_m)
     T, K = weights_TK.shape
     E = gate_up_E2FD.shape[0]
-    t_bucket = triton.next_power_of_2(T)
+    t_bucket = _pow2(T)
     dx_TD, dw_TK, dgate_up, ddown = (t.new_empty(0) for t in (x_TD, weights_TK, x_TD, x_TD))
     if need_x or need_weights or need_gate_up:
         dgu_S2F, dw_TK = swiglu_backward(
-            dy_TD, x_TD, weights_TK, gate_up_E2FD, down_EDF, schedule, path, t_bucket, block_m
+            dy_TD, x_TD, weights_TK, gate_up_E2FD, down_EDF, schedule, sections, path, t_bucket
         )
     if need_x:
         # [dgate, dup] @ gate_up[e] is the forward's down kernel with gate_up read as [E, D, 2F].
         dx_TD = torch.empty_like(x_TD)
         down_combine(
-            dgu_S2F, gate_up_E2FD.transpose(1, 2), None, schedule, dx_TD, K, path, t_bucket,
-            block_m, combine,
+            dgu_S2F, gate_up_E2FD.transpose(1, 2), None, schedule, sections, dx_TD, K, path,
+            t_bucket, combine,
         )  # fmt: skip
     if need_gate_up:  # [dgate; dup]^T @ x rows
         dgate_up = expert_grad(dgu_S2F, x_TD, schedule, K, E, tuner="gate_up", gather_b=True)
@@ -661,10 +838,10 @@ def _(dy_TD, x_TD, weights_TK, gate_up_E2FD, down_EDF, h_SF, *schedule_and_optio
 
 
 def _setup_context(ctx, inputs, output):
-    x_TD, weights_TK, gate_up_E2FD, down_EDF, *schedule, path, block_m, combine = inputs
+    x_TD, weights_TK, gate_up_E2FD, down_EDF, *schedule, path, block_m, big_m, combine = inputs
     h_SF = output[1]
     ctx.save_for_backward(x_TD, weights_TK, gate_up_E2FD, down_EDF, h_SF, *schedule)
-    ctx.options = (path, block_m, combine)
+    ctx.options = (path, block_m, big_m, combine)
     ctx.mark_non_differentiable(h_SF)
     ctx.set_materialize_grads(False)
 
@@ -672,7 +849,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy_TD, _dh_SF):
     need = ctx.needs_input_grad[:4]
     grads = _fused_moe_backward(dy_TD, *ctx.saved_tensors, *ctx.options, *need)
-    return *(g if n else None for g, n in zip(grads, need, strict=True)), *([None] * 8)
+    return *(g if n else None for g, n in zip(grads, need, strict=True)), *([None] * 9)
 
 
 _fused_moe.register_autograd(_backward, setup_context=_setup_context)
@@ -689,8 +866,9 @@ def forward(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF, out_TD, stats, *,
     reproducible), "atomic" adds them into fp32 in a run-dependent order. When autograd
     needs gradients of x, weights_TK, gate_up or down, the layer runs through the
     `moebench::fused_moe` op and out_TD carries the graph; otherwise the kernels run
-    straight into out_TD. stats, when a dict, receives the path, BLOCK_M,
-    tile slots, combine mode and the configs used.
+    straight into out_TD. stats, when a dict, receives the path, the tile heights (block_m,
+    and big_m, 0 for one height), the tile slots, the combine mode and, without autograd,
+    the configs of the last launch of each kernel.
     """
     if combine not in COMBINES:
         raise ValueError(f"unknown combine {combine!r}; known: {', '.join(COMBINES)}")
@@ -706,36 +884,29 @@ def forward(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF, out_TD, stats, *,
     if T * K == 0 or F2 == 0:
         return out_TD.zero_()
 
-    t_bucket = triton.next_power_of_2(T)
+    t_bucket = _pow2(T)
     block_m = _block_m(path, t_bucket, K, E)
+    big_m = _big_m(path, block_m)
     if torch.compiler.is_compiling():
-        schedule = TileSchedule(*_tile_schedule_op(ids_TK, E, block_m))
+        schedule = TileSchedule(*_tile_schedule_op(ids_TK, E, block_m, big_m))
     else:
-        schedule = tile_schedule(ids_TK, E, block_m)
-    tile_slots = schedule.expert_N.numel()
+        schedule = tile_schedule(ids_TK, E, block_m, big_m)
+    if stats is not None:
+        stats.update(block_m=block_m, big_m=big_m, tile_slots=schedule.expert_N.numel(),
+                     combine=_combine_mode(K, combine))  # fmt: skip
     differentiable = (x_TD, weights_TK, gate_up_E2FD, down_EDF)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
     if needs_grad or torch.compiler.is_compiling():
         # The op is what autograd differentiates and what torch.compile keeps as one node
         # (tracing into the kernel launches fails under the interpreter).
-        y_TD, _ = _fused_moe(*differentiable, *schedule, path, block_m, combine)
-        out_TD.copy_(y_TD)
-        combine = _combine_mode(K, combine)
-    else:
-        schedule = _trimmed(schedule)
-        h_SF = gate_up_swiglu(x_TD, gate_up_E2FD, schedule, K, path, t_bucket, block_m)
-        combine = down_combine(
-            h_SF, down_EDF, weights_TK.reshape(-1), schedule, out_TD, K, path, t_bucket, block_m,
-            combine,
-        )  # fmt: skip
+        y_TD, _ = _fused_moe(*differentiable, *schedule, path, block_m, big_m, combine)
+        return out_TD.copy_(y_TD)
+    sections = _sections(schedule, block_m, big_m)
+    h_SF, gate_up_config = gate_up_swiglu(x_TD, gate_up_E2FD, schedule, sections, K, path, t_bucket)
+    _, down_config = down_combine(
+        h_SF, down_EDF, weights_TK.reshape(-1), schedule, sections, out_TD, K, path, t_bucket,
+        combine,
+    )  # fmt: skip
     if stats is not None:
-        stats.update(
-            block_m=block_m,
-            tile_slots=tile_slots,
-            combine=combine,
-            config={
-                "gate_up": _GATE_UP[path].best_config.all_kwargs(),
-                "down": _DOWN[path].best_config.all_kwargs(),
-            },
-        )
+        stats["config"] = {"gate_up": gate_up_config, "down": down_config}
     return out_TD

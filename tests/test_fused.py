@@ -70,7 +70,7 @@ def rel_err(out, ref):
     return ((out.double().cpu() - ref).norm() / ref.norm()).item()
 
 
-@pytest.mark.parametrize("block_m", [4, 16])
+@pytest.mark.parametrize("block_m, big_m", [(4, 0), (16, 0), (4, 8), (16, 32)])
 @pytest.mark.parametrize(
     "T, E, K, hot",
     [
@@ -82,7 +82,7 @@ def rel_err(out, ref):
     ],
     ids=["T1-K1", "T1-K=E", "T37-E12-K3", "hot-expert", "E8192"],
 )
-def test_tile_schedule_covers_every_pair_once(T, E, K, hot, block_m):
+def test_tile_schedule_covers_every_pair_once(T, E, K, hot, block_m, big_m):
     g = torch.Generator().manual_seed(1)
     # Only some experts receive pairs, with uneven counts; the rest are empty.
     used = torch.randperm(E, generator=g)[: max(K, E // 3)]
@@ -91,7 +91,7 @@ def test_tile_schedule_covers_every_pair_once(T, E, K, hot, block_m):
         ids_TK[:, 0] = used[0]
         ids_TK[:, 1] = used[1 + torch.arange(T) % (used.numel() - 1)]
     S = T * K
-    sched = fused.tile_schedule(ids_TK.to(DEVICE), E, block_m)
+    sched = fused.tile_schedule(ids_TK.to(DEVICE), E, block_m, big_m)
     sched = fused.TileSchedule(*(t.cpu() for t in sched))
     ids_S = ids_TK.reshape(-1)
     sorted_ids = ids_S[sched.order_S]
@@ -103,19 +103,35 @@ def test_tile_schedule_covers_every_pair_once(T, E, K, hot, block_m):
 
     counts_E = torch.bincount(ids_S, minlength=E)
     assert sched.offsets_E1.tolist() == [0, *counts_E.cumsum(0).tolist()]
-    assert sched.expert_N.numel() == -(-S // block_m) + min(E, S)
+    big_slots = S // big_m if big_m else 0
+    assert sched.expert_N.numel() == big_slots + -(-S // block_m) + min(E, S)
     covered = torch.zeros(S, dtype=torch.long)
-    tiles = 0
+    tiles = {"big": 0, "small": 0}
     per_tile = (sched.expert_N, sched.start_N, sched.end_N)
-    for e, start, end in zip(*(t.tolist() for t in per_tile), strict=True):
+    for n, (e, start, end) in enumerate(zip(*(t.tolist() for t in per_tile), strict=True)):
         if start == end:
             continue
-        tiles += 1
-        assert 0 < end - start <= block_m
+        big = n < big_slots
+        tiles["big" if big else "small"] += 1
+        if big:
+            assert end - start == big_m, "a big tile is not full"
+        else:
+            assert 0 < end - start <= block_m
         assert (sorted_ids[start:end] == e).all(), "a tile mixes experts"
         covered[start:end] += 1
     assert (covered == 1).all(), "a sorted row is not covered exactly once"
-    assert tiles == int((-(-counts_E // block_m)).sum()), "empty experts got tiles"
+    full_E = counts_E // big_m if big_m else torch.zeros_like(counts_E)
+    assert tiles["big"] == int(full_E.sum())
+    rest_E = counts_E - full_E * big_m
+    assert tiles["small"] == int((-(-rest_E // block_m)).sum()), "empty experts got tiles"
+    if hot and big_m:
+        assert tiles["big"] > 0, "the hot expert's rows should fill big tiles"
+
+
+def test_tile_heights_are_checked():
+    ids_TK = torch.zeros(4, 1, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match="big_m=16 must exceed block_m=16"):
+        fused.tile_schedule(ids_TK, 2, 16, 16)
 
 
 CASES = {
@@ -152,8 +168,69 @@ def test_routing_weights_in_x_dtype(path):
 def test_many_experts_few_tokens(path):
     case = make_case(T=64, D=16, F=16, E=1024, K=2, dtype=torch.float32)
     out, stats = run(case)
-    assert stats["tile_slots"] == -(-128 // stats["block_m"]) + 128
+    big_slots = 128 // stats["big_m"] if stats["big_m"] else 0
+    assert stats["tile_slots"] == big_slots + -(-128 // stats["block_m"]) + 128
     assert rel_err(out, reference(*case)) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_two_tile_heights_match_reference(monkeypatch, dtype):
+    """A hot expert among light ones: its full blocks run as tall tiles, its rest as short."""
+    monkeypatch.setattr(fused, "BIG_M", 32)  # 128 would need hundreds of tokens per test
+    case = make_case(T=100, D=24, F=40, E=16, K=2, dtype=dtype, hot_expert=3)
+    out, stats = run(case)
+    assert (stats["path"], stats["block_m"], stats["big_m"]) == ("prefill", 16, 32)
+    assert rel_err(out, reference(*case)) < TOLERANCE[dtype]
+    dy_TD = torch.randn(100, 24, generator=torch.Generator().manual_seed(5))
+    dy_TD = dy_TD.to(dtype=dtype, device=DEVICE)
+    got = run_backward(case, dy_TD)
+    assert_grads_match(got, reference_grads(case, dy_TD), case[1], dtype)
+
+
+def test_collapse_runs_tall_tiles():
+    """The real BIG_M: every token on the same two of 64 experts (the `collapse` skew)."""
+    case = make_case(T=300, D=16, F=16, E=64, K=2, dtype=torch.float32)
+    case = (case[0], torch.tensor([[5, 9]], device=DEVICE).expand(300, 2), *case[2:])
+    out, stats = run(case)
+    assert (stats["block_m"], stats["big_m"]) == (16, fused.BIG_M)
+    assert rel_err(out, reference(*case)) < TOLERANCE[torch.float32]
+
+
+def test_one_tile_height_when_tiles_are_tall():
+    _, stats = run(make_case(T=200, D=16, F=16, E=2, K=1, dtype=torch.float32))
+    assert (stats["block_m"], stats["big_m"]) == (fused.BIG_M, 0)
+
+
+def test_prune_keeps_blocks_near_the_expert_width(monkeypatch):
+    monkeypatch.setattr(fused, "_INTERPRET", False)  # the compiled search spaces
+    gate_up, down = fused._configs("prefill", "gate_up"), fused._configs("prefill", "down")
+    block = lambda configs, dim: {c.kwargs[dim] for c in configs}
+    assert block(fused._prune("gate_up")(gate_up, {"F": 8}, BLOCK_M=16), "BLOCK_N") == {16}
+    assert block(fused._prune("gate_up")(gate_up, {"F": 64}, BLOCK_M=16), "BLOCK_N") == {32, 64}
+    wide = fused._prune("gate_up")(gate_up, {"F": 1024}, BLOCK_M=128)
+    assert 16 not in block(wide, "BLOCK_N") and len(wide) > 4
+    narrow_down = fused._prune("down")(down, {"F": 8}, BLOCK_M=16)
+    assert block(narrow_down, "BLOCK_K") == {16} and 256 in block(narrow_down, "BLOCK_N")
+    tall_down = fused._prune("down")(down, {"F": 1024}, BLOCK_M=128)
+    assert 256 not in block(tall_down, "BLOCK_N") and 16 not in block(tall_down, "BLOCK_K")
+
+
+def test_tuned_launches_skip_the_autotuner(monkeypatch):
+    """The second call of a problem launches with the remembered configs."""
+    from triton.runtime.autotuner import Autotuner
+
+    case = make_case(T=90, D=16, F=24, E=4, K=2, dtype=torch.float32)
+    first, stats = run(case)
+    tuner_calls = []
+    tuner_run = Autotuner.run
+    monkeypatch.setattr(
+        Autotuner, "run", lambda self, *a, **k: tuner_calls.append(self) or tuner_run(self, *a, **k)
+    )
+    second, again = run(case)
+    assert tuner_calls == [] and torch.equal(first, second)
+    assert again["config"] == stats["config"]
+    run(make_case(T=90, D=16, F=40, E=4, K=2, dtype=torch.float32))  # a new problem: tuned
+    assert len(tuner_calls) == 2
 
 
 @pytest.mark.parametrize("T", [20, 100], ids=["decode", "prefill"])
