@@ -373,9 +373,11 @@ def _configs(path, kernel):
         shapes += [(16, 128, 4, 3), (16, 256, 4, 3)]
     else:
         # Narrow experts give down a short reduction (F) over a wide output (D): wide, shallow
-        # blocks make fewer, longer programs. 256 wide only with BLOCK_M <= 32 (see _prune).
+        # blocks make fewer, longer programs; with 4 warps, 256 wide only with BLOCK_M <= 32
+        # (see _prune). 128 x 256 with 8 warps is the Hopper shape for large experts: no
+        # spills at BLOCK_M = 64 or 128 (ptxas for sm_90, triton 3.6).
         shapes += [(128, 32, 4, 4), (128, 64, 4, 3), (128, 16, 4, 4), (256, 16, 4, 3),
-                   (256, 32, 4, 3)]  # fmt: skip
+                   (256, 32, 4, 3), (256, 64, 8, 3), (256, 32, 8, 4)]  # fmt: skip
     return [
         triton.Config({"BLOCK_N": n, "BLOCK_K": k, "GROUP_SIZE_M": 8}, num_warps=w, num_stages=s)
         for n, k, w, s in shapes
@@ -386,8 +388,8 @@ def _prune(kernel):
     """The configs worth timing for one problem: no block much wider than the expert.
 
     gate_up's N dimension is F, down's reduction is F; blocks are at least 16 (tl.dot's
-    minimum), and down's 256-wide blocks need BLOCK_M <= 32 (at 128 their fp32
-    accumulator spills). Fewer candidates also shorten the first call's tuning.
+    minimum), and down's 256-wide blocks with 4 warps need BLOCK_M <= 32 (at 128 their
+    fp32 accumulator spills). Fewer candidates also shorten the first call's tuning.
     """
 
     def prune(configs, nargs, **kwargs):
@@ -397,7 +399,7 @@ def _prune(kernel):
             c for c in configs
             if c.kwargs[dim] <= cap
             and (c.kwargs[dim] > 16 or cap == 16)
-            and (c.kwargs["BLOCK_N"] < 256 or kwargs["BLOCK_M"] <= 32)
+            and (c.kwargs["BLOCK_N"] < 256 or c.num_warps == 8 or kwargs["BLOCK_M"] <= 32)
         ]  # fmt: skip
         return kept or configs
 
