@@ -1,4 +1,4 @@
-"""Sessions: tests, lint (and bench, report, regress).
+"""Sessions: tests, lint (and compile, bench, report, regress).
 
 Where there is no GPU, each session makes its own virtualenv with the pinned CPU torch
 build. On a GPU runner, run against the interpreter that already has CUDA torch and
@@ -43,6 +43,17 @@ def tests(session: nox.Session) -> None:
     """pytest on the CPU (Triton under TRITON_INTERPRET=1); extra args go to pytest."""
     install(session, "dev")
     session.run("pytest", *(session.posargs or ["-q"]))
+
+
+@nox.session(name="compile")
+def compile_check(session: nox.Session) -> None:
+    """Every Triton config the triton layer can launch, compiled for Hopper (sm_90) with the
+    installed triton and its ptxas, no GPU needed: fails on a config that does not build or
+    spills registers (moebench.compile_check; `-- --only down` narrows it)."""
+    install(session, "dev")
+    session.run(
+        "python", "-m", "moebench.compile_check", *session.posargs, env={"TRITON_INTERPRET": "0"}
+    )
 
 
 @nox.session

@@ -373,9 +373,8 @@ def _configs(path, kernel):
         shapes += [(16, 128, 4, 3), (16, 256, 4, 3)]
     else:
         # Narrow experts give down a short reduction (F) over a wide output (D): wide, shallow
-        # blocks make fewer, longer programs; with 4 warps, 256 wide only with BLOCK_M <= 32
-        # (see _prune). 128 x 256 with 8 warps is the Hopper shape for large experts: no
-        # spills at BLOCK_M = 64 or 128 (ptxas for sm_90, triton 3.6).
+        # blocks make fewer, longer programs (_prune drops those that would spill at tall
+        # tiles). 128 x 256 with 8 warps is the Hopper shape for large experts.
         shapes += [(128, 32, 4, 4), (128, 64, 4, 3), (128, 16, 4, 4), (256, 16, 4, 3),
                    (256, 32, 4, 3), (256, 64, 8, 3), (256, 32, 8, 4)]  # fmt: skip
     return [
@@ -384,24 +383,28 @@ def _configs(path, kernel):
     ]
 
 
-def _prune(kernel):
-    """The configs worth timing for one problem: no block much wider than the expert.
+# The [BLOCK_M, BLOCK_N] fp32 accumulators each tile kernel holds.
+_ACCUMULATORS = {"gate_up": 2, "down": 1, "swiglu_backward": 3}
 
-    gate_up's N dimension is F, down's reduction is F; blocks are at least 16 (tl.dot's
-    minimum), and down's 256-wide blocks with 4 warps need BLOCK_M <= 32 (at 128 their
-    fp32 accumulator spills). Fewer candidates also shorten the first call's tuning.
+
+def _prune(kernel):
+    """The configs worth timing for one problem: blocks near the expert's width, and
+    accumulators that fit in registers.
+
+    gate_up's and the SwiGLU backward's N dimension is F, down's reduction is F; blocks are
+    at least 16 (tl.dot's minimum). Accumulators of more than 128 fp32 registers a thread
+    spill (ptxas for sm_90, triton 3.6 and 3.9: `python -m moebench.compile_check`), and the
+    tile height is only known per problem. Fewer candidates also shorten the first call's
+    tuning.
     """
+    dim = "BLOCK_K" if kernel == "down" else "BLOCK_N"
 
     def prune(configs, nargs, **kwargs):
+        accumulators = _ACCUMULATORS[kernel] * kwargs["BLOCK_M"]
+        fits = [c for c in configs if accumulators * c.kwargs["BLOCK_N"] <= 128 * 32 * c.num_warps]
         cap = max(16, _pow2(nargs["F"]))
-        dim = "BLOCK_N" if kernel == "gate_up" else "BLOCK_K"
-        kept = [
-            c for c in configs
-            if c.kwargs[dim] <= cap
-            and (c.kwargs[dim] > 16 or cap == 16)
-            and (c.kwargs["BLOCK_N"] < 256 or c.num_warps == 8 or kwargs["BLOCK_M"] <= 32)
-        ]  # fmt: skip
-        return kept or configs
+        near = [c for c in fits if c.kwargs[dim] <= cap and (c.kwargs[dim] > 16 or cap == 16)]
+        return near or fits or configs
 
     return prune
 
@@ -451,9 +454,12 @@ _DOWN = {
     for p in PATHS
 }  # fmt: skip
 _SWIGLU_BACKWARD = {
-    p: triton.autotune(_swiglu_backward_configs(p), key=_KEY)(_swiglu_backward_kernel)
+    p: triton.autotune(
+        _swiglu_backward_configs(p), key=_KEY,
+        prune_configs_by={"early_config_prune": _prune("swiglu_backward")},
+    )(_swiglu_backward_kernel)
     for p in PATHS
-}
+}  # fmt: skip
 # One tuner per weight: the two gradients have different operand layouts.
 _EXPERT_GRAD = {
     w: triton.autotune(_expert_grad_configs(), key=["E", "N", "C", "S_BUCKET"])(_expert_grad_kernel)

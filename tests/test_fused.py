@@ -217,6 +217,27 @@ def test_prune_keeps_blocks_near_the_expert_width(monkeypatch):
     assert wide_tall and all(c.num_warps == 8 for c in wide_tall), "4-warp 256-wide spills at M=128"
 
 
+@pytest.mark.parametrize("kernel", ["gate_up", "down", "swiglu_backward"])
+def test_prune_keeps_accumulators_in_registers(monkeypatch, kernel):
+    """At every tile height and expert width, what is offered holds its fp32 accumulators
+    in 128 registers a thread, and something is always offered."""
+    monkeypatch.setattr(fused, "_INTERPRET", False)
+    accumulators = {"gate_up": 2, "down": 1, "swiglu_backward": 3}[kernel]
+    for path in fused.PATHS:
+        configs = (
+            fused._swiglu_backward_configs(path)
+            if kernel == "swiglu_backward"
+            else fused._configs(path, kernel)
+        )
+        for block_m in (16, 32, 64, 128):
+            for F in (8, 24, 64, 1024, 14336):
+                kept = fused._prune(kernel)(configs, {"F": F}, BLOCK_M=block_m)
+                assert kept, (path, block_m, F)
+                per_thread = [accumulators * block_m * c.kwargs["BLOCK_N"] / (32 * c.num_warps)
+                              for c in kept]  # fmt: skip
+                assert max(per_thread) <= 128, (path, block_m, F)
+
+
 def test_tuned_launches_skip_the_autotuner(monkeypatch):
     """The second call of a problem launches with the remembered configs."""
     from triton.runtime.autotuner import Autotuner

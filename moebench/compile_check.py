@@ -1,0 +1,244 @@
+"""Compile every Triton config the `triton` layer can launch for Hopper (sm_90), with no GPU.
+
+A config that spills registers or does not compile shows only on a GPU, at tuning time, as
+a slow or failed candidate; GPU time is scarce and CI has none. This check builds each
+(kernel, BLOCK_M, config) that the layer's autotuners can pick with the installed triton
+for sm_90, runs the ptxas that triton itself uses with -v, and prints registers, spill
+bytes, shared memory (flagged past an H100's 227 KiB) and whether the dots became wgmma.
+It exits 1 when a config fails to compile or spills. A stand-in driver names the target;
+`JITFunction.warmup` specializes the arguments as a launch does (aligned pointers, unit
+strides, sizes divisible by 16).
+
+Covered: the forward kernels and the backward's SwiGLU kernel on both paths at every
+prefill tile height, each with the configs its pruning keeps for narrow, middle and wide
+experts; the fixed big-tile configs; the weight-gradient kernel (dx reuses the down kernel).
+
+    python -m moebench.compile_check [--only KERNEL] [--jobs N]   # TRITON_INTERPRET unset
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from typing import NamedTuple
+
+import torch
+
+SM = 90
+# Shared memory a block may use on an H100: a bigger config compiles, and the autotuner
+# skips it at launch (OutOfResources).
+SMEM_LIMIT = 227 * 1024
+TILE_HEIGHTS = (16, 32, 64, 128)  # what fused._block_m can choose for prefill
+EXPERT_WIDTHS = (8, 64, 1024)  # F for the pruning: narrow, middle, wide experts
+# Argument sizes: multiples of 16 like the real shapes, so they specialize the same way.
+D, F, K, E, T_BUCKET, SLOTS = 4096, 1024, 8, 64, 4096, 1000
+S = T_BUCKET * K
+KERNELS = ("gate_up", "down", "swiglu_backward", "expert_grad")
+
+
+class Case(NamedTuple):
+    kernel: str  # one of KERNELS
+    variant: str  # decode, prefill, big; gate_up or down for expert_grad
+    block_m: int  # 0 for expert_grad, whose BLOCK_M is part of its config
+    config: dict  # triton.Config.all_kwargs()
+
+
+class Result(NamedTuple):
+    case: Case
+    regs: int | None
+    spill_bytes: int | None
+    smem_bytes: int | None
+    wgmma: bool
+    error: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.spill_bytes == 0
+
+
+def _install_driver():
+    """Make triton compile for sm_90 on a machine without a GPU."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.driver import DriverBase
+    from triton.runtime import driver
+
+    class Hopper(DriverBase):
+        @classmethod
+        def is_active(cls):
+            return True
+
+        def map_python_to_cpp_type(self, ty):
+            return ty
+
+        def get_current_target(self):
+            return GPUTarget("cuda", SM, 32)
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+        def get_benchmarker(self):
+            raise RuntimeError("compile_check compiles only; nothing is launched")
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def set_current_device(self, device):
+            pass
+
+    driver.set_active(Hopper())
+
+
+def _fused():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("compile_check builds compiled kernels: unset TRITON_INTERPRET")
+    from moebench import fused
+
+    return fused
+
+
+def cases(only: str | None = None) -> list[Case]:
+    """Every (kernel, BLOCK_M, config) the layer can launch on a GPU."""
+    fused = _fused()
+    search = {
+        "gate_up": lambda path: fused._configs(path, "gate_up"),
+        "down": lambda path: fused._configs(path, "down"),
+        "swiglu_backward": fused._swiglu_backward_configs,
+    }
+    out = []
+    for kernel, configs_of in search.items():
+        prune = fused._prune(kernel)
+        for path, heights in (("decode", (16,)), ("prefill", TILE_HEIGHTS)):
+            configs = configs_of(path)
+            for bm in heights:
+                kept = {id(c) for f in EXPERT_WIDTHS for c in prune(configs, {"F": f}, BLOCK_M=bm)}
+                out += [Case(kernel, path, bm, c.all_kwargs()) for c in configs if id(c) in kept]
+    names = {
+        fused._gate_up_kernel: "gate_up",
+        fused._down_kernel: "down",
+        fused._swiglu_backward_kernel: "swiglu_backward",
+    }
+    out += [Case(names[k], "big", fused.BIG_M, dict(c)) for k, c in fused._BIG_CONFIG.items()]
+    grad_configs = [c.all_kwargs() for c in fused._expert_grad_configs()]
+    out += [Case("expert_grad", w, 0, c) for w in ("gate_up", "down") for c in grad_configs]
+    return [c for c in out if only in (None, c.kernel)]
+
+
+def _launch_args(case: Case):
+    """The kernel and its arguments (dtypes stand for tensors), as the layer passes them."""
+    fused = _fused()
+    bf16, i64, f32 = torch.bfloat16, torch.int64, torch.float32
+    tiles = (i64, i64, i64)  # tile_expert, tile_start, tile_end
+    sizes = (D, F, K, E, T_BUCKET, 0, SLOTS)  # ..., slot0, num_tiles
+    if case.kernel == "gate_up":  # x [T, D], gate_up [E, 2F, D], h [S, F]
+        args = (bf16, bf16, bf16, i64, *tiles, *sizes, D, 1, 2 * F * D, D, 1, F, 1)
+        return fused._gate_up_kernel, args, {"BLOCK_M": case.block_m}
+    if case.kernel == "down":  # h [S, F], down [E, D, F], y [S, D] (per-pair rows)
+        args = (bf16, bf16, bf16, i64, bf16, *tiles, *sizes, F, 1, D * F, F, 1, D, 1)
+        flags = {"WEIGHTED": True, "ATOMIC": False, "BLOCK_M": case.block_m}
+        return fused._down_kernel, args, flags
+    if case.kernel == "swiglu_backward":  # x, dy [T, D]; gate_up, down; dgu [S, 2F]; dw [., S]
+        args = (bf16, bf16, bf16, bf16, bf16, bf16, f32, i64, *tiles, *sizes, D, 1, D, 1,
+                2 * F * D, D, 1, D * F, F, 1, 2 * F, 1, S)  # fmt: skip
+        return fused._swiglu_backward_kernel, args, {"BLOCK_M": case.block_m}
+    if case.variant == "gate_up":  # [dgate, dup] [S, 2F]^T @ x rows [T, D] -> [E, 2F, D]
+        args = (bf16, bf16, bf16, i64, None, i64, 2 * F, D, K, E, S, 2 * F, 1, D, 1,
+                2 * F * D, D, 1)  # fmt: skip
+        flags = {"GATHER_A": False, "GATHER_B": True, "WEIGHTED": False}
+    else:  # (w * dy rows) [T, D]^T @ h [S, F] -> [E, D, F]
+        args = (bf16, bf16, bf16, i64, bf16, i64, D, F, K, E, S, D, 1, F, 1, D * F, F, 1)
+        flags = {"GATHER_A": True, "GATHER_B": False, "WEIGHTED": True}
+    return fused._expert_grad_kernel, args, flags
+
+
+def _ptxas_report(ptx: str) -> tuple[int | None, int | None]:
+    """(registers, spill store bytes) from `ptxas -v` on the PTX."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    arch = re.search(r"^\.target\s+(\w+)", ptx, re.M).group(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [get_ptxas(SM).path, "-v", f"--gpu-name={arch}", src, "-o", src + ".cubin"]
+        log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores", log)
+    return (int(regs.group(1)) if regs else None, int(spill.group(1)) if spill else None)
+
+
+def compile_case(case: Case) -> Result:
+    """Compile one case for sm_90 and read its resources."""
+    kernel, args, flags = _launch_args(case)
+    try:
+        compiled = kernel.warmup(*args, grid=(1,), **flags, **case.config)
+        ptx = compiled.asm["ptx"]
+        regs, spill = _ptxas_report(ptx)
+    except Exception as e:  # a config that does not build is the finding, not a crash
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        return Result(case, None, None, None, False, f"{type(e).__name__}: {first}")
+    return Result(case, regs, spill, compiled.metadata.shared, "wgmma" in ptx, None)
+
+
+def _worker_init():
+    _install_driver()
+
+
+def run(selected: list[Case], jobs: int) -> list[Result]:
+    _install_driver()
+    if jobs <= 1:
+        return [compile_case(c) for c in selected]
+    with ProcessPoolExecutor(jobs, initializer=_worker_init) as pool:
+        return list(pool.map(compile_case, selected))
+
+
+def format_table(results: list[Result]) -> str:
+    head = "kernel           variant  M    N    K/C  warps stages regs spill smem_KiB wgmma verdict"
+    lines = [head]
+    for r in results:
+        c = r.case.config
+        block_m = r.case.block_m or c.get("BLOCK_M")
+        inner = c.get("BLOCK_K", c.get("BLOCK_C"))
+        verdict = "ok" if r.ok else (r.error or f"SPILLS {r.spill_bytes} B")
+        if r.ok and r.smem_bytes > SMEM_LIMIT:
+            verdict = "ok, but over 227 KiB of shared memory: skipped at launch on an H100"
+        smem = f"{r.smem_bytes / 1024:.0f}" if r.smem_bytes is not None else "-"
+        lines.append(
+            f"{r.case.kernel:16s} {r.case.variant:8s} {block_m:<4d} {c['BLOCK_N']:<4d} "
+            f"{inner:<4d} {c['num_warps']:<5d} {c['num_stages']:<6d} {r.regs or '-'!s:4s} "
+            f"{r.spill_bytes if r.spill_bytes is not None else '-'!s:5s} {smem:8s} "
+            f"{'yes' if r.wgmma else 'no':5s} {verdict}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m moebench.compile_check", description=__doc__)
+    p.add_argument("--only", choices=KERNELS, help="one kernel")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
+    args = p.parse_args(argv)
+    try:
+        _install_driver()
+        selected = cases(args.only)
+    except RuntimeError as e:
+        print(f"compile_check: {e}", file=sys.stderr)
+        return 2
+    import triton
+
+    print(f"triton {triton.__version__}, sm_{SM}, {len(selected)} configs", flush=True)
+    results = run(selected, args.jobs)
+    print(format_table(results))
+    bad = [r for r in results if not r.ok]
+    print(f"{len(results) - len(bad)} ok, {len(bad)} failed or spilled")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
