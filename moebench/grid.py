@@ -53,6 +53,11 @@ class Profile:
     # one: with more OpenMP threads than idle cores, small matmuls slow down tenfold and
     # the numbers follow the machine's load rather than the code.
     threads: int | None = None
+    # These implementations' forward points whose eager median is below graph_below_ms are
+    # timed again as CUDA graph replays (graph_ms): there the eager time is mostly the
+    # host launching kernels, and the replay shows what the kernels take.
+    graph_impls: tuple[str, ...] = ()
+    graph_below_ms: float = 0.0
 
     def experts(self) -> list[int]:
         return [2**i for i in range(3, self.max_experts.bit_length())]
@@ -79,6 +84,8 @@ PROFILES = {
             check_bytes=4 * 2**30,
             timeout_s=3600,
             train_families=tuple(f + TRAIN for f in FAMILIES),
+            graph_impls=("triton",),  # sync-free by design; the others may not capture
+            graph_below_ms=5.0,
         ),
         Profile(
             name="cpu",

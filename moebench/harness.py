@@ -1,8 +1,9 @@
 """The measuring harness: timers, peak memory, the FLOP and byte model, the device's
 ceilings and the environment record that goes with every result.
 
-Timers are objects with `prepare(fn) -> fn`, `samples(fn, n) -> [ms]` and a `label`, so
-that `measure` is the same loop on every device and tests can drive it with a fake clock.
+Timers are objects with `prepare(fn) -> fn`, `samples(fn, n) -> [ms]` and a `label` (and,
+where the device runs apart from the host, `host_ms` after `samples`), so that `measure` is
+the same loop on every device and tests can drive it with a fake clock.
 Medians, not means: a stray slow repeat (a context switch, a clock ramp) must not move the
 number; the spread is kept as p20/p80 and the coefficient of variation.
 
@@ -45,6 +46,10 @@ class Timing:
     cv: float  # sample standard deviation / mean
     repeats: int
     label: str  # which timer, e.g. "cuda events, warm-l2"
+    # Host time to issue one call, where the timer can tell (CUDA: the calls are queued
+    # without waiting for the device). Close to median_ms: the layer is bound by its
+    # launches, not its kernels.
+    host_ms: float | None = None
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -56,7 +61,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-def summarize(samples_ms: list[float], label: str = "") -> Timing:
+def summarize(samples_ms: list[float], label: str = "", host_ms: float | None = None) -> Timing:
     if not samples_ms:
         raise ValueError("no timing samples")
     mean = statistics.fmean(samples_ms)
@@ -68,6 +73,7 @@ def summarize(samples_ms: list[float], label: str = "") -> Timing:
         cv=spread / mean if mean > 0 else 0.0,
         repeats=len(samples_ms),
         label=label,
+        host_ms=host_ms,
     )
 
 
@@ -98,6 +104,7 @@ class CudaTimer:
     every call starts with a cold cache; otherwise weights stay warm in L2 between calls.
     cuda_graph: capture the call once and time graph replays (no launch overhead); layers
     that synchronize with the host cannot be captured and raise.
+    After `samples`, host_ms is the host time that issuing one call took.
     """
 
     def __init__(self, device=None, *, flush_l2: bool = False, cuda_graph: bool = False):
@@ -107,6 +114,7 @@ class CudaTimer:
         self.l2 = "cold-l2" if flush_l2 else "warm-l2"
         self.label = f"cuda events, {self.l2}" + (", cuda graph" if cuda_graph else "")
         self._flush_buffer = None
+        self.host_ms = None
         if flush_l2:
             l2_bytes = getattr(torch.cuda.get_device_properties(self.device), "L2_cache_size", 0)
             self._flush_buffer = torch.empty(
@@ -129,13 +137,17 @@ class CudaTimer:
     def samples(self, fn, repeats: int) -> list[float]:
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+        issued = 0.0
         for start, end in zip(starts, ends, strict=True):
             if self._flush_buffer is not None:
                 self._flush_buffer.zero_()
             start.record()
+            began = time.perf_counter()
             fn()
+            issued += time.perf_counter() - began
             end.record()
         torch.cuda.synchronize(self.device)
+        self.host_ms = issued * 1e3 / repeats
         return [start.elapsed_time(end) for start, end in zip(starts, ends, strict=True)]
 
 
@@ -181,7 +193,8 @@ def measure(
         (estimate_ms,) = timer.samples(fn, 1)
         affordable = round(max_time_s * 1e3 / max(estimate_ms, 1e-6))
         repeats = min(repeats, max(min_repeats, affordable))
-    return summarize(timer.samples(fn, repeats), timer.label)
+    samples = timer.samples(fn, repeats)
+    return summarize(samples, timer.label, getattr(timer, "host_ms", None))
 
 
 # --- peak memory ---------------------------------------------------------------------

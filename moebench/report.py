@@ -44,6 +44,8 @@ SUMMARY_COLUMNS = {
     "p80_ms": "p80_ms",
     "cv": "cv",
     "repeats": "repeats",
+    "host_ms": "host_ms",
+    "graph_ms": "graph_replay_ms",
     "tokens_per_s": "tokens_per_s",
     "tflops": "useful_tflops",
     "roofline_fraction": "roofline_fraction",
@@ -143,7 +145,10 @@ def markdown(env: dict, frame: pd.DataFrame) -> str:
         "Times are medians in ms; tokens/s = T / time; TFLOP/s count useful FLOPs only "
         "(6*S*D*F + 6*T*D*Fs); roofline = the least time this device can take (measured "
         "ceilings) / the time; peak MiB = memory allocated above inputs and weights; "
-        "imbalance = time / time under balanced routing; dropped = pairs dropped / S."
+        "imbalance = time / time under balanced routing; dropped = pairs dropped / S. "
+        "On a GPU, host ms = host time to issue one call (near the time: the layer waits on "
+        "its launches) and replay ms = the same call as a CUDA graph replay (the kernels "
+        "alone; fast triton points only)."
     )
     for family in dict.fromkeys(frame["family"]):
         part = frame[frame["family"] == family]
@@ -152,16 +157,20 @@ def markdown(env: dict, frame: pd.DataFrame) -> str:
         out += [_shapes(part), ""]
         balanced = ok[ok["skew"] == "balanced"]
         if len(balanced):
-            table = balanced.assign(peak_mib=balanced["peak_bytes"] / 2**20)[
-                ["label", "impl", "time_ms", "tokens_per_s", "tflops", "roofline_fraction",
-                 "peak_mib", "rel_err"]
-            ]  # fmt: skip
+            columns = {"label": "point", "impl": "impl", "time_ms": "time ms",
+                       "tokens_per_s": "tokens/s", "tflops": "TFLOP/s",
+                       "roofline_fraction": "roofline", "peak_mib": "peak MiB",
+                       "rel_err": "rel err"}  # fmt: skip
+            # GPU runs: how long issuing a call took, and the graph replay of fast points.
+            for timing, name in (("host_ms", "host ms"), ("graph_ms", "replay ms")):
+                if pd.to_numeric(balanced[timing]).notna().any():
+                    columns[timing] = name
+            table = balanced.assign(peak_mib=balanced["peak_bytes"] / 2**20)[list(columns)]
             order = _ordered(frame, family, profile)
             table = table.sort_values(
                 ["label", "impl"], key=lambda s: s.map(order.index) if s.name == "label" else s
             )
-            table.columns = ["point", "impl", "time ms", "tokens/s", "TFLOP/s", "roofline",
-                             "peak MiB", "rel err"]  # fmt: skip
+            table.columns = list(columns.values())
             out += ["### Balanced routing", "", markdown_table(table), ""]
         unbalanced = ok[ok["skew"] != "balanced"]
         if unbalanced["imbalance_overhead"].notna().any():

@@ -40,7 +40,7 @@ from .weights import ExpertWeights
 RECORD_FIELDS = (
     "family", "label", "impl", "skew", "T", "D", "F", "E", "K", "Fs", "dtype",
     "status", "reason",
-    "time_ms", "p20_ms", "p80_ms", "cv", "repeats",
+    "time_ms", "p20_ms", "p80_ms", "cv", "repeats", "host_ms", "graph_ms", "graph_reason",
     "peak_bytes", "peak_label",
     "flops", "min_bytes", "tokens_per_s", "tflops", "roofline_fraction",
     "max_over_mean", "touched_experts", "imbalance_overhead", "dropped_fraction", "rel_err",
@@ -195,7 +195,21 @@ def _measure(record, forward, impl, x_TD, routing, weights, ctx) -> None:
             y_TD, x_TD, routing, weights, stats, ctx["profile"].check_bytes
         )
     del y_TD, stats
-    _time(record, lambda: forward(x_TD, routing, weights, impl=impl, check=False), ctx)
+    call = lambda: forward(x_TD, routing, weights, impl=impl, check=False)
+    _time(record, call, ctx)
+    p = ctx["profile"]
+    if ctx["graph_timer"] is None or impl not in p.graph_impls:
+        return
+    if record["time_ms"] >= p.graph_below_ms:
+        return
+    try:
+        graphed = harness.measure(
+            call, ctx["graph_timer"], warmup=ctx["warmup"], repeats=ctx["repeats"],
+            max_time_s=p.max_time_s,
+        )  # fmt: skip
+        record["graph_ms"] = graphed.median_ms
+    except Exception as e:  # the eager numbers above stand; say why there is no replay
+        record["graph_reason"] = f"{type(e).__name__}: {_first_line(e)}"
 
 
 def _time(record, call, ctx) -> None:
@@ -217,6 +231,7 @@ def _time(record, call, ctx) -> None:
         p80_ms=timing.p80_ms,
         cv=timing.cv,
         repeats=timing.repeats,
+        host_ms=timing.host_ms,
         peak_bytes=peak,
         peak_label=peak_label,
         tokens_per_s=record["T"] / seconds,
@@ -229,7 +244,8 @@ def _time(record, call, ctx) -> None:
 
 def _skip(record: dict, reason: str) -> dict:
     record.update(status="skipped", reason=reason)
-    for key in ("time_ms", "p20_ms", "p80_ms", "cv", "repeats", "peak_bytes", "tokens_per_s"):
+    for key in ("time_ms", "p20_ms", "p80_ms", "cv", "repeats", "host_ms", "graph_ms",
+                "peak_bytes", "tokens_per_s"):  # fmt: skip
         record[key] = None
     record.update(tflops=None, roofline_fraction=None, dropped_fraction=None, rel_err=None)
     return record
@@ -259,6 +275,7 @@ def run_points(
     progress=None,
     forward=None,
     timer=None,
+    graph_timer=None,
     ceilings: harness.Ceilings | None = None,
     checkpoint=None,
 ) -> list[dict]:
@@ -269,6 +286,7 @@ def run_points(
     oracle (rel_err). progress(done, total, record) is called after each record.
     forward: the layer (default moebench.moe_forward), replaceable to plant a slowdown.
     timer, ceilings: default to the profile device's timer and ceilings measured now.
+    graph_timer: times the profile's graph_impls again as graph replays (see grid.Profile).
     checkpoint(records), when given, is called with the records so far after each point.
     """
     p = grid.get_profile(profile)
@@ -278,6 +296,7 @@ def run_points(
             "profile": p,
             "device": torch.device(p.device),
             "timer": timer,
+            "graph_timer": graph_timer,
             "ceilings": ceilings or ceilings_for(p, timer),
             "repeats": p.repeats if repeats is None else repeats,
             "warmup": p.warmup if warmup is None else warmup,
@@ -419,6 +438,9 @@ def run_profile(
     keeps what it measured."""
     p = grid.get_profile(profile)
     timer = harness.make_timer(p.device, flush_l2=flush_l2, cuda_graph=cuda_graph)
+    graph_timer = None
+    if p.graph_impls and not cuda_graph:
+        graph_timer = harness.make_timer(p.device, flush_l2=flush_l2, cuda_graph=True)
     started = time.perf_counter()
     points = [pt for family in families or grid.families(p) for pt in grid.points(family, p)]
     with harness.torch_threads(p.threads):
@@ -438,6 +460,7 @@ def run_profile(
             check=check,
             progress=progress,
             timer=timer,
+            graph_timer=graph_timer,
             ceilings=ceilings,
             checkpoint=checkpoint,
         )

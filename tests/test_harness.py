@@ -4,6 +4,7 @@ and byte model, the roofline, peak memory and the environment record."""
 import math
 import re
 import statistics
+import time
 
 import numpy as np
 import pytest
@@ -228,6 +229,21 @@ def test_cuda_timer_modes_are_labelled_and_time_real_work(flush_l2, cuda_graph, 
     t = harness.measure(lambda: a @ a, timer, warmup=2, repeats=5)
     assert t.label == label
     assert 0 < t.median_ms < 1e3 and not math.isnan(t.cv)
+    assert 0 < t.host_ms < 1e3
+
+
+@cuda
+def test_cuda_host_time_sees_a_host_bound_call():
+    """A call that sleeps on the host between two tiny kernels: its device time is the host's."""
+    a = torch.ones(16, device="cuda")
+
+    def host_bound():
+        a.add_(1)
+        time.sleep(0.005)
+        a.add_(1)
+
+    t = harness.measure(host_bound, harness.make_timer("cuda"), warmup=1, repeats=5)
+    assert t.host_ms >= 5.0 and t.median_ms >= 0.8 * t.host_ms
 
 
 @cuda

@@ -1,5 +1,6 @@
 """The grid, the sweep runner (records, skips, imbalance) and run files."""
 
+import dataclasses
 import json
 import math
 import os
@@ -141,6 +142,60 @@ def test_records_carry_the_metrics_of_the_fake_device():
     assert r["peak_bytes"] == 64 * 32 * 4  # the fake's output: torch.ones_like(x)
     assert r["peak_label"] == harness.CPU_PEAK_LABEL
     assert r["rel_err"] is None  # check=False
+
+
+class ReplayTimer(LoadTimer):
+    """Graph replays of the fake device: a tenth of the eager time (the launches gone); a
+    call under `collapse` (64 ms eager) cannot be captured."""
+
+    label = "fake graph timer"
+
+    def __init__(self, eager):
+        self.eager = eager
+
+    def prepare(self, fn):
+        fn()
+        if self.eager.cost_ms > 40:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return fn
+
+    def samples(self, fn, repeats):
+        return [ms / 10 for ms in self.eager.samples(fn, repeats)]
+
+
+@pytest.mark.parametrize("below_ms", [50.0, 100.0])
+def test_fast_points_of_graph_impls_are_replayed_too(below_ms):
+    profile = dataclasses.replace(
+        grid.get_profile("tiny"), graph_impls=("sorted",), graph_below_ms=below_ms
+    )
+    timer = LoadTimer()
+    timer.host_ms = 0.5  # what a CUDA timer reports after its samples
+    records = by_key(
+        sweep.run_points(
+            [POINT],
+            ["naive", "sorted"],
+            ["balanced", "collapse"],
+            profile=profile,
+            timer=timer,
+            graph_timer=ReplayTimer(timer),
+            ceilings=FAKE_CEILINGS,
+            forward=fake_forward(timer),
+            repeats=3,
+            warmup=0,
+        )
+    )
+    balanced, collapse = records[("sorted", "balanced")], records[("sorted", "collapse")]
+    assert balanced["graph_ms"] == pytest.approx(3.2) and balanced["time_ms"] == 32.0
+    assert balanced["host_ms"] == 0.5
+    assert records[("naive", "balanced")]["graph_ms"] is None  # not a graph impl
+    # 64 ms eager: not replayed below 50 ms; refused by the capture below 100 ms, and the
+    # eager numbers stand either way.
+    assert collapse["status"] == "ok" and collapse["time_ms"] == 64.0
+    assert collapse["graph_ms"] is None
+    if below_ms > 64:
+        assert collapse["graph_reason"].startswith("RuntimeError: operation not permitted")
+    else:
+        assert collapse["graph_reason"] is None
 
 
 def test_imbalance_overhead_and_load_are_relative_to_balanced():
