@@ -66,6 +66,15 @@ class _Imbalance(_Sweep):
     track_imbalance_overhead.unit = "x balanced time"
 
 
+class _Replay(_Sweep):
+    metrics = ("graph_ms",)
+
+    def track_replay_time_ms(self, records, point, impl, skew):
+        return self.record["graph_ms"]
+
+    track_replay_time_ms.unit = "ms"
+
+
 class _Dropped(_Sweep):
     metrics = ("dropped_fraction",)
 
@@ -140,3 +149,11 @@ _CLASS_NAMES = {"scale-out": "ScaleOut", "iso-params": "IsoParams", "models": "M
 for _family in PROFILE.train_families:
     _name = _CLASS_NAMES[_family.removesuffix(grid.TRAIN)] + "Train"
     globals()[_name] = type(_name, (_Time,), {"family": _family, "params": _params(_family)})
+
+# CUDA graph replays of the fast points of the profile's graph_impls (gpu: triton): the
+# kernels' time without the host's launches. ScaleOutReplay, IsoParamsReplay, ModelsReplay.
+if PROFILE.graph_impls:
+    for _family in ("scale-out", "iso-params", "models"):
+        _name = _CLASS_NAMES[_family] + "Replay"
+        _params_replay = _params(_family, impls=PROFILE.graph_impls)
+        globals()[_name] = type(_name, (_Replay,), {"family": _family, "params": _params_replay})

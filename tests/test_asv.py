@@ -51,6 +51,20 @@ def test_asv_discovers_every_suite_with_the_profile_grid(tmp_path):
     assert found["families.IsoParamsDropped.track_dropped_fraction"][1][1] == ["padded"]
 
 
+def test_gpu_profile_adds_the_replay_suites(tmp_path):
+    """The gpu grid is built from code, so it is discovered without a GPU."""
+    done = run([sys.executable, "-c", DISCOVER], tmp_path, MOEBENCH_PROFILE="gpu")
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout.splitlines()[-1])
+    replays = {name for name in found if name.endswith("track_replay_time_ms")}
+    assert replays == {f"families.{f}Replay.track_replay_time_ms"
+                       for f in ("ScaleOut", "IsoParams", "Models")}  # fmt: skip
+    names, params = found["families.ModelsReplay.track_replay_time_ms"]
+    assert names == ["point", "impl", "skew"]
+    assert params == [[pt.label for pt in grid.points("models", "gpu")], ["triton"],
+                      list(grid.SKEWS)]  # fmt: skip
+
+
 def asv_config(folder):
     """The repository's asv.conf.json with results under `folder`: asv writes machine.json
     even with --dry-run, and a test must not write into results/."""

@@ -25,7 +25,8 @@ def make_case(T, D, F, E, K, dtype, *, hot_expert=None, seed=0):
     if hot_expert is not None:
         # Put hot_expert first in every token's list, keeping each token's K ids distinct.
         rest = [
-            torch.tensor([e for e in row.tolist() if e != hot_expert][: K - 1]) for row in ids_TK
+            torch.tensor([e for e in row.tolist() if e != hot_expert][: K - 1], dtype=torch.long)
+            for row in ids_TK
         ]
         ids_TK = torch.stack([torch.cat([torch.tensor([hot_expert]), r]) for r in rest])
     weights_TK = torch.rand(T, K, generator=g)
@@ -173,17 +174,21 @@ def test_many_experts_few_tokens(path):
     assert rel_err(out, reference(*case)) < TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize(
+    ("K", "combine"), [(2, "pairs"), (2, "atomic"), (1, "pairs")], ids=["pairs", "atomic", "K1"]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_two_tile_heights_match_reference(monkeypatch, dtype):
-    """A hot expert among light ones: its full blocks run as tall tiles, its rest as short."""
+def test_two_tile_heights_match_reference(monkeypatch, dtype, K, combine):
+    """A hot expert among light ones (with K=1: every token on it): its full blocks run as
+    tall tiles, its rest as short; each combine adds both launches' rows."""
     monkeypatch.setattr(fused, "BIG_M", 32)  # 128 would need hundreds of tokens per test
-    case = make_case(T=100, D=24, F=40, E=16, K=2, dtype=dtype, hot_expert=3)
-    out, stats = run(case)
+    case = make_case(T=100, D=24, F=40, E=16, K=K, dtype=dtype, hot_expert=3)
+    out, stats = run(case, combine)
     assert (stats["path"], stats["block_m"], stats["big_m"]) == ("prefill", 16, 32)
     assert rel_err(out, reference(*case)) < TOLERANCE[dtype]
     dy_TD = torch.randn(100, 24, generator=torch.Generator().manual_seed(5))
     dy_TD = dy_TD.to(dtype=dtype, device=DEVICE)
-    got = run_backward(case, dy_TD)
+    got = run_backward(case, dy_TD, combine)
     assert_grads_match(got, reference_grads(case, dy_TD), case[1], dtype)
 
 
