@@ -307,6 +307,26 @@ def test_real_layers_on_the_tiny_profile():
     assert 0 < zipf_padded["dropped_fraction"] < 1  # capacity factor 1.25 under a skew
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_is_replayed_as_a_cuda_graph_on_the_gpu():
+    """The real capture: the triton layer is sync-free, so its graph replays; the replay
+    issues no launches of its own, so it is not slower than the eager call."""
+    profile = dataclasses.replace(
+        grid.get_profile("tiny"), device="cuda", dtype="bfloat16", graph_impls=("triton",),
+        graph_below_ms=1e3,
+    )  # fmt: skip
+    records = sweep.run_points(
+        [POINT], ["sorted", "triton"], ["balanced", "collapse"], profile=profile,
+        graph_timer=harness.make_timer("cuda", cuda_graph=True),
+    )  # fmt: skip
+    for r in records:
+        assert r["status"] == "ok" and r["host_ms"] > 0, r
+        if r["impl"] == "triton":
+            assert r["graph_reason"] is None and 0 < r["graph_ms"] <= 1.5 * r["time_ms"], r
+        else:
+            assert r["graph_ms"] is None
+
+
 def test_progress_is_reported_for_each_record():
     seen = []
     run_fake(progress=lambda done, total, r: seen.append((done, total, r["impl"])))
