@@ -187,15 +187,11 @@ def compile_case(case: Case) -> Result:
     return Result(case, regs, spill, compiled.metadata.shared, "wgmma" in ptx, None)
 
 
-def _worker_init():
-    _install_driver()
-
-
 def run(selected: list[Case], jobs: int) -> list[Result]:
     _install_driver()
     if jobs <= 1:
         return [compile_case(c) for c in selected]
-    with ProcessPoolExecutor(jobs, initializer=_worker_init) as pool:
+    with ProcessPoolExecutor(jobs, initializer=_install_driver) as pool:
         return list(pool.map(compile_case, selected))
 
 
@@ -225,7 +221,6 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
     args = p.parse_args(argv)
     try:
-        _install_driver()
         selected = cases(args.only)
     except RuntimeError as e:
         print(f"compile_check: {e}", file=sys.stderr)

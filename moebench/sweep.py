@@ -198,9 +198,8 @@ def _measure(record, forward, impl, x_TD, routing, weights, ctx) -> None:
     call = lambda: forward(x_TD, routing, weights, impl=impl, check=False)
     _time(record, call, ctx)
     p = ctx["profile"]
-    if ctx["graph_timer"] is None or impl not in p.graph_impls:
-        return
-    if record["time_ms"] >= p.graph_below_ms:
+    replay = ctx["graph_timer"] is not None and impl in p.graph_impls
+    if not replay or record["time_ms"] >= p.graph_below_ms:
         return
     try:
         graphed = harness.measure(
