@@ -471,7 +471,7 @@ _EXPERT_GRAD = {
 # apart from the BLOCK_M-row tiles over the rest. Their config is fixed, not tuned: a tuner
 # keyed on the shapes would time them on whatever routing came first, often one with no
 # full block at all. 128 x 128 blocks with 8 warps: the Hopper matmul shape (no spills
-# with ptxas for sm_90, triton 3.6).
+# for sm_90 with triton 3.6 or 3.9: `python -m moebench.compile_check` checks these too).
 BIG_M = 128
 _BIG_CONFIG = {
     kernel: triton.Config({"BLOCK_N": n, "BLOCK_K": k, "GROUP_SIZE_M": 8}, num_warps=w,
