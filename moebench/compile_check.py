@@ -11,7 +11,8 @@ strides, sizes divisible by 16).
 
 Covered: the forward kernels and the backward's SwiGLU kernel on both paths at every
 prefill tile height, each with the configs its pruning keeps for narrow, middle and wide
-experts; the fixed big-tile configs; the weight-gradient kernel (dx reuses the down kernel).
+experts; the fixed big-tile configs; the weight-gradient kernel (dx reuses the down kernel);
+the schedule's kernels (sorted and counted), at their fixed block sizes.
 
     python -m moebench.compile_check [--only KERNEL] [--jobs N]   # TRITON_INTERPRET unset
 """
@@ -38,13 +39,13 @@ EXPERT_WIDTHS = (8, 64, 1024)  # F for the pruning: narrow, middle, wide experts
 # Argument sizes: multiples of 16 like the real shapes, so they specialize the same way.
 D, F, K, E, T_BUCKET, SLOTS = 4096, 1024, 8, 64, 4096, 1000
 S = T_BUCKET * K
-KERNELS = ("gate_up", "down", "swiglu_backward", "expert_grad")
+KERNELS = ("gate_up", "down", "swiglu_backward", "expert_grad", "schedule")
 
 
 class Case(NamedTuple):
     kernel: str  # one of KERNELS
-    variant: str  # decode, prefill, big; gate_up or down for expert_grad
-    block_m: int  # 0 for expert_grad, whose BLOCK_M is part of its config
+    variant: str  # decode, prefill, big; gate_up or down for expert_grad; rows, slots, counted
+    block_m: int  # 0 for expert_grad and schedule, whose BLOCK_M is part of their config
     config: dict  # triton.Config.all_kwargs()
 
 
@@ -128,6 +129,15 @@ def cases(only: str | None = None) -> list[Case]:
     out += [Case(names[k], "big", fused.BIG_M, dict(c)) for k, c in fused._BIG_CONFIG.items()]
     grad_configs = [c.all_kwargs() for c in fused._expert_grad_configs()]
     out += [Case("expert_grad", w, 0, c) for w in ("gate_up", "down") for c in grad_configs]
+    schedule = {
+        fused._expert_rows_kernel: "rows",
+        fused._tile_slots_kernel: "slots",
+        fused._counted_schedule_kernel: "counted",
+    }
+    launch = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 3}  # triton's default launch
+    out += [
+        Case("schedule", schedule[k], 0, {**b, **launch}) for k, b in fused.SCHEDULE_BLOCKS.items()
+    ]
     return [c for c in out if only in (None, c.kernel)]
 
 
@@ -148,6 +158,17 @@ def _launch_args(case: Case):
         args = (bf16, bf16, bf16, bf16, bf16, bf16, f32, i64, *tiles, *sizes, D, 1, D, 1,
                 2 * F * D, D, 1, D * F, F, 1, 2 * F, 1, S)  # fmt: skip
         return fused._swiglu_backward_kernel, args, {"BLOCK_M": case.block_m}
+    if case.kernel == "schedule":  # ids [S]; int64 outputs; sizes
+        n = S + E  # slots
+        kernels = {
+            "rows": (fused._expert_rows_kernel, (i64, i64, i64, S, E, 16, 128)),
+            "slots": (
+                fused._tile_slots_kernel, (i64, i64, i64, i64, i64, i64, n, E, S // 128, 128, 7)
+            ),
+            "counted": (fused._counted_schedule_kernel, (i64,) * 6 + (512, E, n)),
+        }  # fmt: skip
+        kernel, args = kernels[case.variant]
+        return kernel, args, {}
     if case.variant == "gate_up":  # [dgate, dup] [S, 2F]^T @ x rows [T, D] -> [E, 2F, D]
         args = (bf16, bf16, bf16, i64, None, i64, 2 * F, D, K, E, S, 2 * F, 1, D, 1,
                 2 * F * D, D, 1)  # fmt: skip
@@ -201,13 +222,14 @@ def format_table(results: list[Result]) -> str:
     for r in results:
         c = r.case.config
         block_m = r.case.block_m or c.get("BLOCK_M")
-        inner = c.get("BLOCK_K", c.get("BLOCK_C"))
+        width = c.get("BLOCK_N", c.get("BLOCK_E", c.get("BLOCK_SLOTS", c.get("BLOCK"))))
+        inner = c.get("BLOCK_K", c.get("BLOCK_C", c.get("CHUNK", 0)))
         verdict = "ok" if r.ok else (r.error or f"SPILLS {r.spill_bytes} B")
         if r.ok and r.smem_bytes > SMEM_LIMIT:
             verdict = "ok, but over 227 KiB of shared memory: skipped at launch on an H100"
         smem = f"{r.smem_bytes / 1024:.0f}" if r.smem_bytes is not None else "-"
         lines.append(
-            f"{r.case.kernel:16s} {r.case.variant:8s} {block_m:<4d} {c['BLOCK_N']:<4d} "
+            f"{r.case.kernel:16s} {r.case.variant:8s} {block_m:<4d} {width:<4d} "
             f"{inner:<4d} {c['num_warps']:<5d} {c['num_stages']:<6d} {r.regs or '-'!s:4s} "
             f"{r.spill_bytes if r.spill_bytes is not None else '-'!s:5s} {smem:8s} "
             f"{'yes' if r.wgmma else 'no':5s} {verdict}"

@@ -5,9 +5,10 @@ BLOCK_M sorted rows, each tile belonging to one expert; only experts that receiv
 get tiles, so a layer with 8192 experts and a handful of tokens each launches no program for
 an empty expert and pads no expert to a fixed capacity (ideas from vLLM's
 moe_align_block_size and ScatterMoE's scatter2scatter). The schedule is one sort and two
-small kernels, with shapes known from the input shapes alone: no host synchronisation, so
-the layer can be captured in a CUDA graph. The grid has room for the most tiles any routing
-can produce, cdiv(S, BLOCK_M) + min(E, S); programs past the real tile count exit at once.
+small kernels (one counting kernel for the few pairs of decode), with shapes known from the
+input shapes alone: no host synchronisation, so the layer can be captured in a CUDA graph.
+The grid has room for the most tiles any routing can produce, cdiv(S, BLOCK_M) + min(E, S);
+programs past the real tile count exit at once.
 BLOCK_M follows the average expert load, which is the wrong height for the few experts that
 hold most rows under skewed routing (`collapse`, `hot`): prefill schedules with BLOCK_M < 128
 therefore cut each expert's full 128-row blocks into tall tiles, launched apart (S // 128
@@ -129,6 +130,56 @@ def _tile_slots_kernel(
     tl.store(expert_ptr + o_n, expert, mask=m_n)
     tl.store(start_ptr + o_n, tl.where(real, start, 0), mask=m_n)
     tl.store(end_ptr + o_n, tl.where(real, end, 0), mask=m_n)
+
+
+@triton.jit
+def _counted_schedule_kernel(
+    ids_ptr, order_ptr, offsets_ptr, expert_ptr, start_ptr, end_ptr, S, E, N,
+    BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+):  # fmt: skip
+    # The whole one-height schedule of a few pairs by counting, with no sort: program i
+    # writes entries [i * BLOCK, (i + 1) * BLOCK) of offsets (by expert), order (by pair) and
+    # the slots. Pair p's sorted row is its rank in the stable sort,
+    # rank = #{q : id_q < id_p} + local, local = #{q < p : id_q == id_p}. An expert's tiles
+    # start at its local rows 0, BLOCK_M, 2 * BLOCK_M, ..., so the pair at such a row heads
+    # a tile, in slot (heads of smaller experts) + local // BLOCK_M. Every program scans all
+    # S ids, a few times: S * S / 2 comparisons to find the heads, about 5 * BLOCK * S more.
+    o_i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m_p = o_i < S
+    id_p = tl.load(ids_ptr + o_i, mask=m_p, other=E)
+    zero = tl.zeros((BLOCK,), dtype=tl.int32)
+    less, local, count, heads_less, below, heads = zero, zero, zero, zero, zero, zero
+    for q0 in range(0, S, CHUNK):
+        o_q = q0 + tl.arange(0, CHUNK)
+        id_q = tl.load(ids_ptr + o_q, mask=o_q < S, other=E)  # E: past every real expert
+        local_q = tl.zeros((CHUNK,), dtype=tl.int32)
+        for r0 in range(0, q0 + CHUNK, CHUNK):
+            o_r = r0 + tl.arange(0, CHUNK)
+            id_r = tl.load(ids_ptr + o_r, mask=o_r < S, other=E)
+            before = (id_r[None, :] == id_q[:, None]) & (o_r[None, :] < o_q[:, None])
+            local_q += tl.sum(before.to(tl.int32), axis=1)
+        head_q = (local_q % BLOCK_M == 0) & (o_q < S)
+        smaller = id_q[None, :] < id_p[:, None]
+        same = id_q[None, :] == id_p[:, None]
+        heads += tl.sum(head_q.to(tl.int32), axis=0)
+        less += tl.sum(smaller.to(tl.int32), axis=1)
+        heads_less += tl.sum((smaller & head_q[None, :]).to(tl.int32), axis=1)
+        count += tl.sum(same.to(tl.int32), axis=1)
+        local += tl.sum((same & (o_q[None, :] < o_i[:, None])).to(tl.int32), axis=1)
+        below += tl.sum((id_q[None, :] < o_i[:, None]).to(tl.int32), axis=1)
+    tl.store(offsets_ptr + o_i, below.to(tl.int64), mask=o_i <= E)
+    rank = less + local
+    tl.store(order_ptr + rank, o_i.to(tl.int64), mask=m_p)
+    head = m_p & (local % BLOCK_M == 0)
+    slot = heads_less + local // BLOCK_M
+    tl.store(expert_ptr + slot, id_p.to(tl.int64), mask=head)
+    tl.store(start_ptr + slot, rank.to(tl.int64), mask=head)
+    tl.store(end_ptr + slot, tl.minimum(rank + BLOCK_M, less + count).to(tl.int64), mask=head)
+    # Slots past the real tiles: empty, on the last expert, as _tile_slots_kernel leaves them.
+    idle = (o_i >= heads) & (o_i < N)
+    tl.store(expert_ptr + o_i, (zero + E - 1).to(tl.int64), mask=idle)
+    tl.store(start_ptr + o_i, zero.to(tl.int64), mask=idle)
+    tl.store(end_ptr + o_i, zero.to(tl.int64), mask=idle)
 
 
 @triton.jit
@@ -548,34 +599,57 @@ def tile_slots(S, E, block_m, big_m=0):
     return big_slots(S, big_m) + _cdiv(S, block_m) + min(E, S)
 
 
+# Up to this many pairs (64 decode tokens at K = 8), a one-height schedule is counted in one
+# launch instead of sorted in four.
+COUNTED_MAX_PAIRS = 512
+# The schedule kernels' block sizes (`python -m moebench.compile_check` builds these: the
+# counted kernel spills at 128 x 64 comparison blocks with 4 warps, sm_90).
+SCHEDULE_BLOCKS = {
+    _expert_rows_kernel: {"BLOCK_E": 256},
+    _tile_slots_kernel: {"BLOCK_SLOTS": 256},
+    _counted_schedule_kernel: {"BLOCK": 128, "CHUNK": 32},
+}
+
+
 def tile_schedule(ids_TK, num_experts, block_m, big_m=0):
     """Build the tile schedule on the device: N = tile_slots(S, E, block_m, big_m) slots.
 
-    big_m > block_m gives two tile heights, 0 one. One sort, then two small kernels
-    around a cumsum (four launches: the schedule is on the critical path of every call, and
-    a chain of twenty torch ops cost more host time than the layer's GEMMs at T=4096).
+    big_m > block_m gives two tile heights, 0 one. One sort, then two small kernels around a
+    cumsum: four launches, and the schedule is on the critical path of every call (a chain
+    of twenty torch ops cost more host time than the layer's GEMMs at T=4096). A one-height
+    schedule of at most COUNTED_MAX_PAIRS pairs (decode) is one launch that counts instead
+    of sorting, and comes out the same.
     """
     ids_S = ids_TK.reshape(-1)
     S, E = ids_S.numel(), num_experts
     if big_m and big_m <= block_m:
         raise ValueError(f"big_m={big_m} must exceed block_m={block_m}, or be 0 (one height)")
+    N = tile_slots(S, E, block_m, big_m)
+    if not big_m and S <= COUNTED_MAX_PAIRS:
+        new = lambda n: ids_S.new_empty(n, dtype=torch.int64)
+        order_S, offsets_E1, expert_N, start_N, end_N = new(S), new(E + 1), new(N), new(N), new(N)
+        blocks = SCHEDULE_BLOCKS[_counted_schedule_kernel]
+        _counted_schedule_kernel[(_cdiv(max(E + 1, S, N), blocks["BLOCK"]),)](
+            ids_S, order_S, offsets_E1, expert_N, start_N, end_N, S, E, N, BLOCK_M=block_m,
+            **blocks,
+        )  # fmt: skip
+        return TileSchedule(order_S, offsets_E1, expert_N, start_N, end_N)
     sorted_ids_S, order_S = torch.sort(ids_S, stable=True)
     offsets_E1 = torch.empty(E + 1, device=ids_S.device, dtype=torch.int64)
     tiles_2E = torch.empty(2, E, device=ids_S.device, dtype=torch.int64)
     # With one height no expert fills a block of S + 1 rows.
     height = big_m or S + 1
-    block_e = 256
-    _expert_rows_kernel[(_cdiv(E + 1, block_e),)](
+    blocks = SCHEDULE_BLOCKS[_expert_rows_kernel]
+    _expert_rows_kernel[(_cdiv(E + 1, blocks["BLOCK_E"]),)](
         sorted_ids_S, offsets_E1, tiles_2E, S, E, S.bit_length(), height, BLOCK_M=block_m,
-        BLOCK_E=block_e,
+        **blocks,
     )  # fmt: skip
     tile_end_2E = torch.cumsum(tiles_2E, 1)
-    N = tile_slots(S, E, block_m, big_m)
     expert_N, start_N, end_N = (order_S.new_empty(N) for _ in range(3))
-    block_slots = 256
-    _tile_slots_kernel[(_cdiv(N, block_slots),)](
+    blocks = SCHEDULE_BLOCKS[_tile_slots_kernel]
+    _tile_slots_kernel[(_cdiv(N, blocks["BLOCK_SLOTS"]),)](
         offsets_E1, tiles_2E, tile_end_2E, expert_N, start_N, end_N, N, E, big_slots(S, big_m),
-        height, E.bit_length(), BLOCK_M=block_m, BLOCK_SLOTS=block_slots,
+        height, E.bit_length(), BLOCK_M=block_m, **blocks,
     )  # fmt: skip
     return TileSchedule(order_S, offsets_E1, expert_N, start_N, end_N)
 

@@ -129,6 +129,41 @@ def test_tile_schedule_covers_every_pair_once(T, E, K, hot, block_m, big_m):
         assert tiles["big"] > 0, "the hot expert's rows should fill big tiles"
 
 
+@pytest.mark.parametrize("block_m", [4, 16])
+@pytest.mark.parametrize(
+    "T, E, K",
+    [(1, 8, 1), (1, 8, 8), (3, 4, 4), (37, 12, 3), (5, 8192, 2), (64, 1, 1), (64, 64, 8)],
+)
+@pytest.mark.parametrize("routing", ["distinct", "few-experts", "one-expert"])
+def test_counted_schedule_equals_sorted(monkeypatch, T, E, K, block_m, routing):
+    # The one-launch schedule of decode against the sort-based one, bit for bit; ids may
+    # repeat within a token, and 64 * 8 pairs is the largest counted schedule.
+    g = torch.Generator().manual_seed(T * E + K)
+    if routing == "distinct":
+        ids_TK = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    elif routing == "few-experts":
+        ids_TK = torch.randint(0, min(E, 3), (T, K), generator=g)
+    else:
+        ids_TK = torch.full((T, K), E - 1)
+    assert T * K <= fused.COUNTED_MAX_PAIRS
+    counted = fused.tile_schedule(ids_TK.to(DEVICE), E, block_m)
+    monkeypatch.setattr(fused, "COUNTED_MAX_PAIRS", 0)
+    sorted_ = fused.tile_schedule(ids_TK.to(DEVICE), E, block_m)
+    for name, a, b in zip(fused.TileSchedule._fields, counted, sorted_, strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_decode_counts_instead_of_sorting(monkeypatch):
+    def no_sort(*args, **kwargs):
+        raise AssertionError("the decode schedule sorted")
+
+    monkeypatch.setattr(torch, "sort", no_sort)
+    case = make_case(T=8, D=16, F=32, E=16, K=4, dtype=torch.float32)
+    out_TD, stats = run(case)
+    assert stats["path"] == "decode"
+    assert rel_err(out_TD, reference(*case)) < TOLERANCE[torch.float32]
+
+
 def test_tile_heights_are_checked():
     ids_TK = torch.zeros(4, 1, dtype=torch.long, device=DEVICE)
     with pytest.raises(ValueError, match="big_m=16 must exceed block_m=16"):
