@@ -29,6 +29,7 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import NamedTuple
 
 import torch
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 SM = 90
 # Shared memory a block may use on an H100: a bigger config compiles, and the autotuner
@@ -108,9 +109,9 @@ def _fused():
 def cases(only: str | None = None) -> list[Case]:
     """Every (kernel, BLOCK_M, config) the layer can launch on a GPU."""
     fused = _fused()
-    search = {
-        "gate_up": lambda path: fused._configs(path, "gate_up"),
-        "down": lambda path: fused._configs(path, "down"),
+    search = {  # prefill: the TMA tuner's configs, a superset of the other's
+        "gate_up": lambda path: fused._configs(path, "gate_up", tma=path == "prefill"),
+        "down": lambda path: fused._configs(path, "down", tma=path == "prefill"),
         "swiglu_backward": fused._swiglu_backward_configs,
     }
     out = []
@@ -147,11 +148,19 @@ def _launch_args(case: Case):
     bf16, i64, f32 = torch.bfloat16, torch.int64, torch.float32
     tiles = (i64, i64, i64)  # tile_expert, tile_start, tile_end
     sizes = (D, F, K, E, T_BUCKET, 0, SLOTS)  # ..., slot0, num_tiles
-    if case.kernel == "gate_up":  # x [T, D], gate_up [E, 2F, D], h [S, F]
-        args = (bf16, bf16, bf16, i64, *tiles, *sizes, D, 1, 2 * F * D, D, 1, F, 1)
+    c, base = case.config, torch.empty(8, dtype=bf16)  # a descriptor's base: only its dtype
+
+    def desc(rows, cols, box):  # a TMA config's descriptor over a [rows, cols] bf16 matrix
+        return TensorDescriptor(base, [rows, cols], [cols, 1], box) if c.get("TMA") else None
+
+    if case.kernel == "gate_up":  # x [T, D], gate_up [E, 2F, D] (or [E * 2F, D]), h [S, F]
+        w = desc(E * 2 * F, D, [c["BLOCK_N"], c["BLOCK_K"]])
+        args = (bf16, bf16, bf16, i64, *tiles, w, *sizes, D, 1, 2 * F * D, D, 1, F, 1)
         return fused._gate_up_kernel, args, {"BLOCK_M": case.block_m}
-    if case.kernel == "down":  # h [S, F], down [E, D, F], y [S, D] (per-pair rows)
-        args = (bf16, bf16, bf16, i64, bf16, *tiles, *sizes, F, 1, D * F, F, 1, D, 1)
+    if case.kernel == "down":  # h [S, F], down [E, D, F] (or [E * D, F]), y [S, D] (pairs)
+        h = desc(S, F, [case.block_m, c["BLOCK_K"]])
+        w = desc(E * D, F, [c["BLOCK_N"], c["BLOCK_K"]])
+        args = (bf16, bf16, bf16, i64, bf16, *tiles, h, w, *sizes, F, 1, D * F, F, 1, D, 1)
         flags = {"WEIGHTED": True, "ATOMIC": False, "BLOCK_M": case.block_m}
         return fused._down_kernel, args, flags
     if case.kernel == "swiglu_backward":  # x, dy [T, D]; gate_up, down; dgu [S, 2F]; dw [., S]
@@ -217,11 +226,14 @@ def run(selected: list[Case], jobs: int) -> list[Result]:
 
 
 def format_table(results: list[Result]) -> str:
-    head = "kernel           variant  M    N    K/C  warps stages regs spill smem_KiB wgmma verdict"
+    head = (
+        "kernel           variant     M    N    K/C  warps stages regs spill smem_KiB wgmma verdict"
+    )
     lines = [head]
     for r in results:
         c = r.case.config
         block_m = r.case.block_m or c.get("BLOCK_M")
+        variant = r.case.variant + ("/tma" if c.get("TMA") else "")
         width = c.get("BLOCK_N", c.get("BLOCK_E", c.get("BLOCK_SLOTS", c.get("BLOCK"))))
         inner = c.get("BLOCK_K", c.get("BLOCK_C", c.get("CHUNK", 0)))
         verdict = "ok" if r.ok else (r.error or f"SPILLS {r.spill_bytes} B")
@@ -229,7 +241,7 @@ def format_table(results: list[Result]) -> str:
             verdict = "ok, but over 227 KiB of shared memory: skipped at launch on an H100"
         smem = f"{r.smem_bytes / 1024:.0f}" if r.smem_bytes is not None else "-"
         lines.append(
-            f"{r.case.kernel:16s} {r.case.variant:8s} {block_m:<4d} {width:<4d} "
+            f"{r.case.kernel:16s} {variant:11s} {block_m:<4d} {width:<4d} "
             f"{inner:<4d} {c['num_warps']:<5d} {c['num_stages']:<6d} {r.regs or '-'!s:4s} "
             f"{r.spill_bytes if r.spill_bytes is not None else '-'!s:5s} {smem:8s} "
             f"{'yes' if r.wgmma else 'no':5s} {verdict}"

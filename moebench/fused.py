@@ -57,6 +57,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 # tl.dot has no float64; fp32 runs exact (no TF32), fp16/bf16 accumulate in fp32.
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -196,12 +197,15 @@ def _tile_coords(pid, num_tiles, num_blocks_n, GROUP_SIZE_M: tl.constexpr):
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, w_ptr, h_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
+    x_ptr, w_ptr, h_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr, w_desc,
     D, F, K, E, T_BUCKET, slot0, num_tiles,
     stride_xt, stride_xd, stride_we, stride_wf, stride_wd, stride_hs, stride_hf,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_SIZE_M: tl.constexpr,
+    GROUP_SIZE_M: tl.constexpr, TMA: tl.constexpr = False,
 ):  # fmt: skip
+    # TMA: the weights come through w_desc, gate_up as [E * 2F, D] in [BLOCK_N, BLOCK_K]
+    # boxes (rows past an expert's gate or up half belong to the next half or expert: their
+    # columns are not stored; past E * 2F, and past D, the box reads zeros).
     i_m, i_n = _tile_coords(tl.program_id(0), num_tiles, (F + BLOCK_N - 1) // BLOCK_N, GROUP_SIZE_M)
     row_start = tl.load(tile_start_ptr + slot0 + i_m)
     row_end = tl.load(tile_end_ptr + slot0 + i_m)
@@ -221,11 +225,16 @@ def _gate_up_kernel(
     p_up = p_gate + F * stride_wf
     b_gate = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
     b_up = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+    w_row = (i_e * 2 * F + i_n * BLOCK_N).to(tl.int32)  # TMA coordinates are 32-bit
     for k in range(0, D, BLOCK_K):
         m_k = o_k < D - k
         b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0)
-        b_wg = tl.load(p_gate, mask=m_k[:, None] & m_n[None, :], other=0.0)
-        b_wu = tl.load(p_up, mask=m_k[:, None] & m_n[None, :], other=0.0)
+        if TMA:
+            b_wg = w_desc.load([w_row, k]).T
+            b_wu = w_desc.load([w_row + F, k]).T
+        else:
+            b_wg = tl.load(p_gate, mask=m_k[:, None] & m_n[None, :], other=0.0)
+            b_wu = tl.load(p_up, mask=m_k[:, None] & m_n[None, :], other=0.0)
         # "ieee" keeps fp32 inputs exact (no TF32); it does not affect fp16/bf16 inputs.
         b_gate += tl.dot(b_x, b_wg, input_precision="ieee")
         b_up += tl.dot(b_x, b_wu, input_precision="ieee")
@@ -241,11 +250,16 @@ def _gate_up_kernel(
 @triton.jit
 def _down_kernel(
     h_ptr, w_ptr, y_ptr, order_ptr, routing_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
-    D, F, K, E, T_BUCKET, slot0, num_tiles,
+    h_desc, w_desc, D, F, K, E, T_BUCKET, slot0, num_tiles,
     stride_hs, stride_hf, stride_we, stride_wd, stride_wf, stride_yr, stride_yd,
     WEIGHTED: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
+    TMA: tl.constexpr = False,
 ):  # fmt: skip
+    # TMA: h through h_desc ([S, F], [BLOCK_M, BLOCK_K] boxes at the tile's first row: rows
+    # past the tile are other experts' rows, computed and not stored) and the weights
+    # through w_desc (down as [E * D, F], [BLOCK_N, BLOCK_K] boxes); past F the boxes read
+    # zeros.
     i_m, i_n = _tile_coords(tl.program_id(0), num_tiles, (D + BLOCK_N - 1) // BLOCK_N, GROUP_SIZE_M)
     row_start = tl.load(tile_start_ptr + slot0 + i_m)
     row_end = tl.load(tile_end_ptr + slot0 + i_m)
@@ -263,10 +277,15 @@ def _down_kernel(
     p_h = h_ptr + o_m[:, None] * stride_hs + o_k[None, :] * stride_hf
     p_w = w_ptr + i_e * stride_we + o_n[None, :] * stride_wd + o_k[:, None] * stride_wf
     b_y = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+    w_row = (i_e * D + i_n * BLOCK_N).to(tl.int32)  # TMA coordinates are 32-bit
     for k in range(0, F, BLOCK_K):
-        m_k = o_k < F - k
-        b_h = tl.load(p_h, mask=m_m[:, None] & m_k[None, :], other=0.0)
-        b_w = tl.load(p_w, mask=m_k[:, None] & m_n[None, :], other=0.0)
+        if TMA:
+            b_h = h_desc.load([row_start.to(tl.int32), k])
+            b_w = w_desc.load([w_row, k]).T
+        else:
+            m_k = o_k < F - k
+            b_h = tl.load(p_h, mask=m_m[:, None] & m_k[None, :], other=0.0)
+            b_w = tl.load(p_w, mask=m_k[:, None] & m_n[None, :], other=0.0)
         b_y += tl.dot(b_h, b_w, input_precision="ieee")
         p_h += BLOCK_K * stride_hf
         p_w += BLOCK_K * stride_wf
@@ -401,8 +420,9 @@ def _expert_grad_kernel(
     tl.store(p_out, b_out.to(out_ptr.dtype.element_ty), mask=m_n[:, None] & m_c[None, :])
 
 
-def _configs(path, kernel):
-    """Autotune search space of one path for one forward kernel ("gate_up" or "down")."""
+def _configs(path, kernel, tma=False):
+    """Autotune search space of one path for one forward kernel ("gate_up" or "down");
+    tma adds the configs that read through TMA descriptors (prefill)."""
     if _INTERPRET:
         # Small blocks so that test shapes cross block edges; no tuning under the interpreter.
         return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_SIZE_M": 4})]
@@ -422,16 +442,47 @@ def _configs(path, kernel):
               (32, 128, 4, 3), (64, 128, 4, 3)]  # fmt: skip
     if kernel == "gate_up":
         shapes += [(16, 128, 4, 3), (16, 256, 4, 3)]
+        # TMA boxes for the weights (x's rows are gathered, so they stay pointer loads).
+        tma_shapes = [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4)]
     else:
         # Narrow experts give down a short reduction (F) over a wide output (D): wide, shallow
         # blocks make fewer, longer programs (_prune drops those that would spill at tall
         # tiles). 128 x 256 with 8 warps is the Hopper shape for large experts.
         shapes += [(128, 32, 4, 4), (128, 64, 4, 3), (128, 16, 4, 4), (256, 16, 4, 3),
                    (256, 32, 4, 3), (256, 64, 8, 3), (256, 32, 8, 4)]  # fmt: skip
+        # TMA boxes for both operands (a tile's rows of h are contiguous).
+        tma_shapes = [(128, 64, 8, 3), (256, 64, 8, 3), (128, 64, 4, 4)]
+    if not tma:
+        return [
+            triton.Config({"BLOCK_N": n, "BLOCK_K": k, "GROUP_SIZE_M": 8}, num_warps=w,
+                          num_stages=s)
+            for n, k, w, s in shapes
+        ]  # fmt: skip
+    # Launches of these get descriptors, which the pointer configs fit too, unused: one
+    # specialization per config.
     return [
-        triton.Config({"BLOCK_N": n, "BLOCK_K": k, "GROUP_SIZE_M": 8}, num_warps=w, num_stages=s)
-        for n, k, w, s in shapes
-    ]
+        triton.Config({"BLOCK_N": n, "BLOCK_K": k, "GROUP_SIZE_M": 8, **flag}, num_warps=w,
+                      num_stages=s, pre_hook=_fit_descriptors)
+        for flag, group in (({}, shapes), ({"TMA": True}, tma_shapes))
+        for n, k, w, s in group
+    ]  # fmt: skip
+
+
+def _fit_descriptors(nargs):
+    """Set a launch's TMA boxes to its blocks: h [BLOCK_M, BLOCK_K], weights [BLOCK_N, BLOCK_K]."""
+    if nargs.get("h_desc") is not None:
+        nargs["h_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    if nargs["w_desc"] is not None:
+        nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
+def _descriptor(t):
+    """A TMA descriptor over the 2-D t (its box set per launch), or None where TMA cannot
+    read t: the last dimension strided, or an address or row pitch not 16-byte aligned."""
+    pitch = t.stride(0) * t.element_size()
+    if t.stride(1) != 1 or pitch % 16 or t.data_ptr() % 16 or t.numel() == 0:
+        return None
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [16, 16])
 
 
 # The [BLOCK_M, BLOCK_N] fp32 accumulators each tile kernel holds.
@@ -490,19 +541,23 @@ def _expert_grad_configs():
 
 
 _KEY = ["E", "D", "F", "K", "T_BUCKET"]
+# Forward tuners by (path, TMA): prefill launches whose tensors TMA can read (see
+# _descriptor) also time the TMA configs.
+_FORWARD_TUNERS = (("decode", False), ("prefill", False), ("prefill", True))
 _GATE_UP = {
-    p: triton.autotune(
-        _configs(p, "gate_up"), key=_KEY, prune_configs_by={"early_config_prune": _prune("gate_up")}
+    (p, tma): triton.autotune(
+        _configs(p, "gate_up", tma), key=_KEY,
+        prune_configs_by={"early_config_prune": _prune("gate_up")},
     )(_gate_up_kernel)
-    for p in PATHS
-}
+    for p, tma in _FORWARD_TUNERS
+}  # fmt: skip
 # Benchmarking a config adds into y; restoring it keeps the tuned call's result exact.
 _DOWN = {
-    p: triton.autotune(
-        _configs(p, "down"), key=_KEY, restore_value=["y_ptr"],
+    (p, tma): triton.autotune(
+        _configs(p, "down", tma), key=_KEY, restore_value=["y_ptr"],
         prune_configs_by={"early_config_prune": _prune("down")},
     )(_down_kernel)
-    for p in PATHS
+    for p, tma in _FORWARD_TUNERS
 }  # fmt: skip
 _SWIGLU_BACKWARD = {
     p: triton.autotune(
@@ -553,10 +608,11 @@ def _pow2(n):
 _TUNED: dict[tuple, dict] = {}
 
 
-def _launch(tuner, grid, args, key, **constexprs):
+def _launch(tuner, grid, args, key, fit=None, **constexprs):
     """tuner[grid](*args, **constexprs); returns the config it ran with.
 
     key: the problem as the tuner keys it (sizes, dtypes). grid(config) -> grid tuple.
+    fit(config), when given, does what the configs' pre_hook does for the tuner.
     """
     key = (tuner, *key, *constexprs.values())
     config = _TUNED.get(key)
@@ -564,6 +620,8 @@ def _launch(tuner, grid, args, key, **constexprs):
         tuner[grid](*args, **constexprs)
         config = _TUNED[key] = tuner.best_config.all_kwargs()
     else:
+        if fit is not None:
+            fit(config)
         tuner.fn[grid(config)](*args, **constexprs, **config)
     return config
 
@@ -700,11 +758,17 @@ def _sections(schedule, block_m, big_m):
     return [s for s in sections if s.slots]
 
 
-def _tile_launch(tuner, section, width, args, key, **constexprs):
-    """A tile kernel over one section: a program per (tile slot, BLOCK_N block of width)."""
+def _tile_launch(tuner, section, width, args, key, descriptors=None, **constexprs):
+    """A tile kernel over one section: a program per (tile slot, BLOCK_N block of width).
+
+    descriptors: the launch's TMA descriptors by argument name (tuned sections only).
+    """
     grid = lambda meta: (section.slots * _cdiv(width, meta["BLOCK_N"]),)
     if section.tuned:
-        return _launch(tuner, grid, args, key, BLOCK_M=section.block_m, **constexprs)
+        fit = None
+        if descriptors:
+            fit = lambda c: _fit_descriptors({"BLOCK_M": section.block_m, **c, **descriptors})
+        return _launch(tuner, grid, args, key, fit, BLOCK_M=section.block_m, **constexprs)
     config = _BIG_CONFIG[tuner.fn]
     tuner.fn[grid(config)](*args, BLOCK_M=section.block_m, **constexprs, **config)
     return config
@@ -719,15 +783,21 @@ def gate_up_swiglu(x_TD, gate_up_E2FD, schedule, sections, top_k, path, t_bucket
     assert F2 % 2 == 0 and x_TD.shape[1] == D, "gate_up must be [E, 2F, D] with x [T, D]"
     F = F2 // 2
     h_SF = x_TD.new_empty(schedule.order_S.numel(), F)
+    w_desc = None
+    if path == "prefill" and gate_up_E2FD.is_contiguous():
+        w_desc = _descriptor(gate_up_E2FD.view(E * F2, D))
+    tuner = _GATE_UP[path, w_desc is not None]
     config = None
     for section in sections:
+        desc = w_desc if section.tuned else None  # big tiles: a fixed pointer config
         args = (
             x_TD, gate_up_E2FD, h_SF, schedule.order_S, schedule.expert_N, schedule.start_N,
-            schedule.end_N, D, F, top_k, E, t_bucket, section.slot0, section.slots,
+            schedule.end_N, desc, D, F, top_k, E, t_bucket, section.slot0, section.slots,
             *x_TD.stride(), *gate_up_E2FD.stride(), *h_SF.stride(),
         )  # fmt: skip
         key = (E, D, F, top_k, t_bucket, x_TD.dtype, gate_up_E2FD.dtype)
-        config = _tile_launch(_GATE_UP[path], section, F, args, key)
+        descs = None if desc is None else {"w_desc": desc}
+        config = _tile_launch(tuner, section, F, args, key, descs)
     return h_SF, config
 
 
@@ -759,17 +829,24 @@ def down_combine(h_SF, down_EDF, weights_S, schedule, sections, out_TD, top_k, p
         y = out_TD.zero_()
     else:
         y = out_TD.new_zeros(T, D, dtype=torch.float32)
+    descs = {}
+    if path == "prefill" and down_EDF.is_contiguous():  # dx's transposed gate_up is not
+        descs = {"h_desc": _descriptor(h_SF), "w_desc": _descriptor(down_EDF.view(E * D, F))}
+        if None in descs.values():
+            descs = {}
+    tuner = _DOWN[path, bool(descs)]
     config = None
     weighted = weights_S is not None
     for section in sections:
+        d = descs if section.tuned else {}  # big tiles: a fixed pointer config
         args = (
             h_SF, down_EDF, y, schedule.order_S, weights_S, schedule.expert_N, schedule.start_N,
-            schedule.end_N, D, F, top_k, E, t_bucket, section.slot0, section.slots,
-            *h_SF.stride(), *down_EDF.stride(), *y.stride(),
+            schedule.end_N, d.get("h_desc"), d.get("w_desc"), D, F, top_k, E, t_bucket,
+            section.slot0, section.slots, *h_SF.stride(), *down_EDF.stride(), *y.stride(),
         )  # fmt: skip
         key = (E, D, F, top_k, t_bucket, h_SF.dtype, y.dtype, weighted and weights_S.dtype)
         config = _tile_launch(
-            _DOWN[path], section, D, args, key, WEIGHTED=weighted, ATOMIC=combine == "atomic"
+            tuner, section, D, args, key, d, WEIGHTED=weighted, ATOMIC=combine == "atomic"
         )
     if combine == "store-pairs":
         torch.sum(y.view(T, top_k, D), dim=1, out=out_TD)  # accumulates in fp32

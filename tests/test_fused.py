@@ -236,6 +236,61 @@ def test_collapse_runs_tall_tiles():
     assert rel_err(out, reference(*case)) < TOLERANCE[torch.float32]
 
 
+@pytest.fixture
+def tma_only(monkeypatch):
+    """The prefill TMA tuners offer one TMA config (the interpreter reads descriptors too)."""
+    import triton
+
+    config = triton.Config(
+        {"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_SIZE_M": 4, "TMA": True},
+        pre_hook=fused._fit_descriptors,
+    )
+    for tuners in (fused._GATE_UP, fused._DOWN):
+        monkeypatch.setattr(tuners["prefill", True], "configs", [config])
+    monkeypatch.setattr(fused, "_TUNED", {})
+
+
+@pytest.mark.parametrize("two_heights", [False, True], ids=["one-height", "two-heights"])
+@pytest.mark.parametrize("combine", fused.COMBINES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_tma_configs_match_reference(monkeypatch, tma_only, dtype, combine, two_heights):
+    """TMA boxes run past a tile's rows (into other experts' rows), past the gate half of
+    an expert (into its up half), past D and F: none of that reaches the output. D = 48 and
+    F = 40 are not multiples of the 32-wide blocks; the second call takes the cached path,
+    which fits the boxes itself."""
+    if two_heights:  # a hot expert among 16, with 32-row big tiles
+        monkeypatch.setattr(fused, "BIG_M", 32)
+        case = make_case(T=100, D=48, F=40, E=16, K=2, dtype=dtype, hot_expert=2)
+    else:  # two experts of 100 rows each, in 128-row tiles
+        case = make_case(T=100, D=48, F=40, E=2, K=2, dtype=dtype)
+    out, stats = run(case, combine)
+    assert stats["path"] == "prefill" and (stats["big_m"] > 0) == two_heights
+    assert stats["config"]["gate_up"]["TMA"] and stats["config"]["down"]["TMA"]
+    assert rel_err(out, reference(*case)) < TOLERANCE[dtype]
+    again, _ = run(case, combine)
+    assert combine == "atomic" or torch.equal(again, out)
+    if combine == "pairs":
+        dy_TD = torch.randn(100, 48, generator=torch.Generator().manual_seed(5))
+        dy_TD = dy_TD.to(dtype=dtype, device=DEVICE)
+        got = run_backward(case, dy_TD, combine)
+        assert_grads_match(got, reference_grads(case, dy_TD), case[1], dtype)
+
+
+def test_tma_only_where_tensors_allow_it(tma_only):
+    """A descriptor needs a unit last stride and 16-byte aligned rows and base; without one,
+    the kernel takes the pointer tuner."""
+    rows = torch.zeros(4, 8)
+    assert fused._descriptor(rows) is not None
+    assert fused._descriptor(torch.zeros(4, 6)) is None  # 24-byte rows
+    assert fused._descriptor(rows[:, 1:5]) is None  # base 4 bytes past alignment
+    assert fused._descriptor(rows.T) is None  # strided last dimension
+    # D = 6: gate_up's [E * 2F, D] rows are 24 bytes; down's [E * D, F] rows are 160.
+    case = make_case(T=100, D=6, F=40, E=6, K=2, dtype=torch.float32)
+    out, stats = run(case)
+    assert "TMA" not in stats["config"]["gate_up"] and stats["config"]["down"]["TMA"]
+    assert rel_err(out, reference(*case)) < TOLERANCE[torch.float32]
+
+
 def test_one_tile_height_when_tiles_are_tall():
     _, stats = run(make_case(T=200, D=16, F=16, E=2, K=1, dtype=torch.float32))
     assert (stats["block_m"], stats["big_m"]) == (fused.BIG_M, 0)
