@@ -41,9 +41,11 @@ The kernels are wrapped in two `torch.library.custom_op`s with `register_autogra
 Two paths share the kernels. `decode` (T <= DECODE_MAX_TOKENS) uses tiles of 16 rows and
 narrow, deep blocks so that many programs stream the touched experts' weights once; it is
 bound by reading those weights. `prefill` sizes BLOCK_M to the expected rows per expert and
-uses wide blocks with a grouped tile order for L2 reuse. All kernels autotune on the problem
-sizes and a power-of-two token (or pair) bucket; under TRITON_INTERPRET=1 one small fixed
-config is used.
+uses wide blocks with a grouped tile order for L2 reuse; where the tensors allow TMA (unit
+last stride, 16-byte aligned rows), its forward tuners also time configs that read the
+weights, and down's rows of h, through TMA descriptors (Hopper's bulk copies; x's rows are
+gathered, so they stay pointer loads). All kernels autotune on the problem sizes and a
+power-of-two token (or pair) bucket; under TRITON_INTERPRET=1 one small fixed config is used.
 
 T tokens, D model width, F expert hidden width, E experts, K experts per token,
 S = T*K token-expert pairs, N tile slots in the schedule.
