@@ -499,11 +499,15 @@ def _prune(kernel):
     at least 16 (tl.dot's minimum). Accumulators of more than 128 fp32 registers a thread
     spill (ptxas for sm_90, triton 3.6 and 3.9: `python -m moebench.compile_check`), and the
     tile height is only known per problem. Fewer candidates also shorten the first call's
-    tuning.
+    tuning. TMA configs are for tiles of 64 rows or more: shorter ones compile to mma.sync
+    rather than wgmma for sm_90 and are bound by the weight bytes, where the bulk copies are
+    not worth their compile and tuning time.
     """
     dim = "BLOCK_K" if kernel == "down" else "BLOCK_N"
 
     def prune(configs, nargs, **kwargs):
+        if kwargs["BLOCK_M"] < 64:
+            configs = [c for c in configs if not c.kwargs.get("TMA")]
         accumulators = _ACCUMULATORS[kernel] * kwargs["BLOCK_M"]
         fits = [c for c in configs if accumulators * c.kwargs["BLOCK_N"] <= 128 * 32 * c.num_warps]
         cap = max(16, _pow2(nargs["F"]))

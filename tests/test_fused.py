@@ -312,6 +312,18 @@ def test_prune_keeps_blocks_near_the_expert_width(monkeypatch):
     assert wide_tall and all(c.num_warps == 8 for c in wide_tall), "4-warp 256-wide spills at M=128"
 
 
+def test_prune_offers_tma_to_tall_tiles_only(monkeypatch):
+    monkeypatch.setattr(fused, "_INTERPRET", False)  # the compiled search spaces
+    for kernel in ("gate_up", "down"):
+        configs = fused._configs("prefill", kernel, tma=True)
+        assert not any(c.kwargs.get("TMA") for c in fused._configs("prefill", kernel))
+        for block_m in (16, 32, 64, 128):
+            kept = fused._prune(kernel)(configs, {"F": 1024}, BLOCK_M=block_m)
+            tma = [c for c in kept if c.kwargs.get("TMA")]
+            assert bool(tma) == (block_m >= 64), (kernel, block_m)
+            assert all(c.pre_hook is fused._fit_descriptors for c in kept)
+
+
 @pytest.mark.parametrize("kernel", ["gate_up", "down", "swiglu_backward"])
 def test_prune_keeps_accumulators_in_registers(monkeypatch, kernel):
     """At every tile height and expert width, what is offered holds its fp32 accumulators
