@@ -41,8 +41,8 @@ The kernels are wrapped in two `torch.library.custom_op`s with `register_autogra
 Two paths share the kernels. `decode` (T <= DECODE_MAX_TOKENS) uses tiles of 16 rows and
 narrow, deep blocks so that many programs stream the touched experts' weights once; it is
 bound by reading those weights. `prefill` sizes BLOCK_M to the expected rows per expert and
-uses wide blocks with a grouped tile order for L2 reuse; where the tensors allow TMA (unit
-last stride, 16-byte aligned rows), its forward tuners also time configs that read the
+uses wide blocks with a grouped tile order for L2 reuse; where the tensors allow TMA (16-bit,
+unit last stride, 16-byte aligned rows), its forward tuners also time configs that read the
 weights, and down's rows of h, through TMA descriptors (Hopper's bulk copies; x's rows are
 gathered, so they stay pointer loads). All kernels autotune on the problem sizes and a
 power-of-two token (or pair) bucket; under TRITON_INTERPRET=1 one small fixed config is used.
@@ -480,9 +480,11 @@ def _fit_descriptors(nargs):
 
 def _descriptor(t):
     """A TMA descriptor over the 2-D t (its box set per launch), or None where TMA cannot
-    read t: the last dimension strided, or an address or row pitch not 16-byte aligned."""
-    pitch = t.stride(0) * t.element_size()
-    if t.stride(1) != 1 or pitch % 16 or t.data_ptr() % 16 or t.numel() == 0:
+    read t (the last dimension strided, an address or row pitch not 16-byte aligned) or
+    where it is not worth tuning: fp32, whose exact dots run on FMA units, not wgmma."""
+    size = t.element_size()
+    aligned = t.stride(0) * size % 16 == 0 and t.data_ptr() % 16 == 0
+    if size != 2 or t.stride(1) != 1 or not aligned or t.numel() == 0:
         return None
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [16, 16])
 
