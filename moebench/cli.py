@@ -90,6 +90,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--flush-l2", action="store_true", help="cold L2 before each call (cuda)")
     p.add_argument("--cuda-graph", action="store_true", help="time CUDA graph replays")
     p.add_argument("--json", metavar="PATH", help="also write the records as a run file")
+    p.add_argument(
+        "--kernels",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also list the N kernels (ops on the CPU) that take most of a call (torch.profiler)",
+    )
     return p
 
 
@@ -138,6 +145,8 @@ def _validate(args, p, cfg: MoEConfig, profile: grid.Profile) -> None:
         make_routing(1, cfg, skew=skew)  # a ValueError names a bad skew
     if (args.flush_l2 or args.cuda_graph) and torch.device(profile.device).type != "cuda":
         p.error("--flush-l2 and --cuda-graph need a CUDA device")
+    if args.kernels < 0:
+        p.error(f"--kernels must be >= 0, got {args.kernels}")
 
 
 def format_table(records: list[dict]) -> str:
@@ -165,6 +174,35 @@ def format_table(records: list[dict]) -> str:
     # A skipped record: its first three columns, then the reason across the rest.
     lines += [line(row) if row in full else f"{line(row[:3])}  {row[3]}" for row in rows]
     return "\n".join(lines)
+
+
+def format_ops(rows: list[dict], top: int) -> str:
+    """harness.op_times rows: the total, then the `top` largest, one per line."""
+    total = sum(r["time_us"] for r in rows)
+    lines = [f"  {total:.4g} us per call in {len(rows)} kernels or ops; the largest:"]
+    lines.append(f"  {'time us':>10}  {'share':>6}  {'per call':>8}  name")
+    for r in rows[:top]:
+        share = r["time_us"] / total
+        lines.append(f"  {r['time_us']:>10.4g}  {share:>6.1%}  {r['calls']:>8.3g}  {r['name']}")
+    return "\n".join(lines)
+
+
+def _print_breakdowns(points, records, args, profile) -> None:
+    cuda = torch.device(profile.device).type == "cuda"
+    what = "kernels' device time" if cuda else "ops' self CPU time"
+    print(f"\nWhere a call's time goes ({what}, torch.profiler over 10 calls):")
+    by_label = {point.label: point for point in points}
+    for r in records:
+        if r["status"] != "ok":
+            continue
+        print(f"{r['label']} {r['skew']} {r['impl']}")
+        point = by_label[r["label"]]
+        try:
+            rows = sweep.op_breakdown(point, r["impl"], r["skew"], profile=profile)
+        except Exception as e:  # the table above stands; say why there is no breakdown
+            print(f"  no breakdown: {type(e).__name__}: {e}")
+            continue
+        print(format_ops(rows, args.kernels))
 
 
 def main(argv=None) -> int:
@@ -195,6 +233,8 @@ def main(argv=None) -> int:
         f"Fs={cfg.d_ff_shared}, {profile.dtype} on {profile.device}, {timer.label}"
     )
     print(format_table(records))
+    if args.kernels:
+        _print_breakdowns(points, records, args, profile)
     if args.json:
         env = environment("cli", device=profile.device, timer=timer)
         print(f"wrote {sweep.write_run(args.json, env, records)}", file=sys.stderr)

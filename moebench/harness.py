@@ -197,6 +197,33 @@ def measure(
     return summarize(samples, timer.label, getattr(timer, "host_ms", None))
 
 
+def op_times(fn, device, *, calls: int = 10) -> list[dict]:
+    """Where the time of one call of `fn` goes, from torch.profiler over `calls` calls.
+
+    On CUDA, one row per kernel: its device time and launches per call. On the CPU, one row
+    per op: its self time (its children's excluded) and calls per call. Rows are sorted by
+    time_us, the largest first; `fn` should be warm (compiled, tuned).
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+    rows = []
+    for event in prof.key_averages():
+        if cuda and event.device_type != DeviceType.CUDA:
+            continue  # a CPU op: its kernels are rows of their own
+        total = event.self_device_time_total if cuda else event.self_cpu_time_total
+        if total > 0:
+            rows.append({"name": event.key, "time_us": total / calls, "calls": event.count / calls})
+    return sorted(rows, key=lambda r: -r["time_us"])
+
+
 # --- peak memory ---------------------------------------------------------------------
 
 CUDA_PEAK_LABEL = "cuda max_memory_allocated"

@@ -306,6 +306,24 @@ def run_points(
     return records
 
 
+def op_breakdown(point: grid.Point, impl: str, skew: str, *, profile, calls: int = 10):
+    """harness.op_times of one forward call of `impl` on the point's inputs and routing as
+    the sweep makes them, after two untimed calls (compile, tune). Raises RuntimeError when
+    the inputs cannot be made here."""
+    p = grid.get_profile(profile)
+    device = torch.device(p.device)
+    with harness.torch_threads(p.threads):
+        inputs, reason = _inputs(point, device, torch_dtype(p.dtype))
+        if inputs is None:
+            raise RuntimeError(reason)
+        weights, x_TD = inputs
+        routing = make_routing(point.T, point.cfg, skew=skew, seed=SEED, device=device)
+        call = lambda: moe_forward(x_TD, routing, weights, impl=impl, check=False)
+        for _ in range(2):
+            call()
+        return harness.op_times(call, device, calls=calls)
+
+
 def _sweep(points, impls, skews, forward, progress, checkpoint, ctx) -> list[dict]:
     device, dtype = ctx["device"], torch_dtype(ctx["profile"].dtype)
     total = len(points) * len(skews) * len(impls)

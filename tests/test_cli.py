@@ -37,6 +37,24 @@ def test_preset_shrunk_and_skipped_triton(capsys):
     assert "skipped: unsupported: triton needs a CUDA device" in out
 
 
+def test_kernels_lists_where_a_call_goes(capsys):
+    """The naive loop over 8 experts at balanced routing: a matmul pair and an index_add_
+    per expert, so 16 mm and 8 index_add_ per call."""
+    argv = [*SHAPE, "--tokens", "16", "--impls", "naive,sorted", "--repeats", "2"]
+    assert cli.main([*argv, "--kernels", "40"]) == 0
+    out = capsys.readouterr().out
+    _, found, tail = out.partition("Where a call's time goes (ops' self CPU time")
+    assert found
+    blocks = tail.split("custom/T=16 balanced ")[1:]
+    assert [b.splitlines()[0] for b in blocks] == ["naive", "sorted"]
+    naive = {line.split()[-1]: line.split() for line in blocks[0].splitlines()[3:]}
+    assert float(naive["aten::mm"][2]) == 16 and float(naive["aten::index_add_"][2]) == 8
+    assert "aten::_grouped_mm" in blocks[1]
+    # Per call: the listed times add up to no more than the stated total.
+    total = float(blocks[0].splitlines()[1].split()[0])
+    assert sum(float(parts[0]) for parts in naive.values()) <= total * 1.001
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -50,8 +68,12 @@ def test_preset_shrunk_and_skipped_triton(capsys):
         (["--preset", "deepseek-v3", "--experts", "8"], "not both"),
         (["--d-model", "32", "--d-ff", "16", "--experts", "4", "--top-k", "8"], "top_k=8"),
         (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+        ([*SHAPE, "--kernels", "-1"], "--kernels must be >= 0, got -1"),
     ],
-    ids=["preset", "skew", "skew-arg", "impl", "dtype", "tokens", "shape", "both", "k>e", "flag"],
+    ids=[
+        *("preset", "skew", "skew-arg", "impl", "dtype", "tokens", "shape", "both", "k>e"),
+        *("flag", "kernels"),
+    ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
