@@ -670,11 +670,15 @@ def tile_slots(S, E, block_m, big_m=0):
 COUNTED_MAX_PAIRS = 512
 # The schedule kernels' block sizes (`python -m moebench.compile_check` builds these: the
 # counted kernel spills at 128 x 64 comparison blocks with 4 warps, sm_90).
+_COUNTED_BLOCKS = {"BLOCK": 128, "CHUNK": 32}
 SCHEDULE_BLOCKS = {
     _expert_rows_kernel: {"BLOCK_E": 256},
     _tile_slots_kernel: {"BLOCK_SLOTS": 256},
-    _counted_schedule_kernel: {"BLOCK": 128, "CHUNK": 32},
+    _counted_schedule_kernel: _COUNTED_BLOCKS,
 }
+if _INTERPRET:  # its cost is per op, not per element: one wide step, not (S / 32)^2 / 2
+    wide = {"BLOCK": COUNTED_MAX_PAIRS, "CHUNK": COUNTED_MAX_PAIRS}
+    SCHEDULE_BLOCKS = SCHEDULE_BLOCKS | {_counted_schedule_kernel: wide}
 
 
 def tile_schedule(ids_TK, num_experts, block_m, big_m=0):

@@ -146,11 +146,29 @@ def test_counted_schedule_equals_sorted(monkeypatch, T, E, K, block_m, routing):
     else:
         ids_TK = torch.full((T, K), E - 1)
     assert T * K <= fused.COUNTED_MAX_PAIRS
+    assert_counted_equals_sorted(monkeypatch, ids_TK, E, block_m)
+
+
+def assert_counted_equals_sorted(monkeypatch, ids_TK, E, block_m):
     counted = fused.tile_schedule(ids_TK.to(DEVICE), E, block_m)
-    monkeypatch.setattr(fused, "COUNTED_MAX_PAIRS", 0)
-    sorted_ = fused.tile_schedule(ids_TK.to(DEVICE), E, block_m)
+    with monkeypatch.context() as m:
+        m.setattr(fused, "COUNTED_MAX_PAIRS", 0)
+        sorted_ = fused.tile_schedule(ids_TK.to(DEVICE), E, block_m)
     for name, a, b in zip(fused.TileSchedule._fields, counted, sorted_, strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("T, E, K", [(37, 12, 3), (20, 300, 4), (33, 2, 2)])
+def test_counted_schedule_in_the_gpu_blocks(monkeypatch, T, E, K):
+    """The interpreter counts in one wide step; the GPU's blocks take several programs and
+    steps (and the triangular inner loop), checked here on fewer, smaller cases."""
+    blocks = fused.SCHEDULE_BLOCKS | {fused._counted_schedule_kernel: fused._COUNTED_BLOCKS}
+    monkeypatch.setattr(fused, "SCHEDULE_BLOCKS", blocks)
+    g = torch.Generator().manual_seed(T)
+    ids_TK = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    ids_TK[:, 0] = ids_TK[0, 0]  # a hot expert with more than one 16-row tile
+    assert 2 * fused._COUNTED_BLOCKS["CHUNK"] < T * K  # several steps
+    assert_counted_equals_sorted(monkeypatch, ids_TK, E, 16)
 
 
 def test_decode_counts_instead_of_sorting(monkeypatch):
