@@ -523,6 +523,88 @@ def test_bf16_gradients_match_float64_reference(T):
     assert_grads_match(got, reference_grads(case, dy_TD), case[1], torch.bfloat16)
 
 
+# Each config an autotuner can pick, forced in turn, at decode, at prefill in 128-row tiles
+# (the TMA configs) and at narrow experts in 16-row tiles. On a GPU every config runs (the
+# conftest has the other tests take each tuner's first); the interpreter, whose cost is per
+# program and op, runs the last of each list (at prefill, a TMA config).
+FORCED = {
+    "decode": dict(T=16, D=128, F=128, E=8, K=2),
+    "prefill": dict(T=256, D=64, F=128, E=4, K=2),
+    "narrow": dict(T=128, D=64, F=16, E=64, K=2),
+}
+FORCED_DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+
+
+def tuners_and_configs(kernel, shape):
+    """The tuners a call at `shape` uses for `kernel`, and the configs they can pick there."""
+    path = "decode" if shape["T"] <= fused.DECODE_MAX_TOKENS else "prefill"
+    block_m = fused._block_m(path, fused._pow2(shape["T"]), shape["K"], shape["E"])
+    tma = path == "prefill"  # 16-bit, aligned inputs: the TMA tuners
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(fused, "_INTERPRET", False)  # the compiled search spaces
+        if kernel == "expert_grad":
+            return list(fused._EXPERT_GRAD.values()), fused._expert_grad_configs()
+        if kernel == "swiglu_backward":
+            tuners, configs = [fused._SWIGLU_BACKWARD[path]], fused._swiglu_backward_configs(path)
+        else:
+            tuners = [(fused._GATE_UP if kernel == "gate_up" else fused._DOWN)[path, tma]]
+            configs = fused._configs(path, kernel, tma)
+    kept = fused._prune(kernel)(configs, {"F": shape["F"]}, BLOCK_M=block_m)
+    return tuners, kept if DEVICE == "cuda" else kept[-1:]
+
+
+def forced_runs(monkeypatch, tuners, configs, run_one):
+    """run_one() under each config in turn; the configs that failed, with why."""
+    from triton.runtime.errors import OutOfResources
+
+    failures = []
+    for config in configs:
+        for tuner in tuners:
+            monkeypatch.setattr(tuner, "configs", [config])
+        monkeypatch.setattr(fused, "_TUNED", {})
+        try:
+            run_one(config)
+        except OutOfResources:  # what the autotuner skips on this device
+            continue
+        except AssertionError as e:
+            failures.append((config.all_kwargs(), str(e).splitlines()[0]))
+    return failures
+
+
+@pytest.mark.parametrize("shape", FORCED.values(), ids=FORCED.keys())
+@pytest.mark.parametrize("kernel", ["gate_up", "down"])
+def test_every_forward_config_matches_reference(monkeypatch, kernel, shape):
+    case = make_case(**shape, dtype=FORCED_DTYPE)
+    want = reference(*case)
+    tuners, configs = tuners_and_configs(kernel, shape)
+
+    def run_one(config):
+        out, stats = run(case)
+        assert stats["config"][kernel] == config.all_kwargs(), "the config was not forced"
+        assert rel_err(out, want) < GRAD_TOLERANCE[FORCED_DTYPE], rel_err(out, want)
+
+    assert not forced_runs(monkeypatch, tuners, configs, run_one)
+
+
+BACKWARD_FORCED = {f"swiglu_backward-{name}": ("swiglu_backward", s) for name, s in FORCED.items()}
+BACKWARD_FORCED["expert_grad"] = ("expert_grad", FORCED["prefill"])
+
+
+@pytest.mark.parametrize(("kernel", "shape"), BACKWARD_FORCED.values(), ids=BACKWARD_FORCED.keys())
+def test_every_backward_config_matches_reference(monkeypatch, kernel, shape):
+    """The weight-gradient kernel's configs do not depend on the expert width: one shape."""
+    case = make_case(**shape, dtype=FORCED_DTYPE)
+    dy_TD = torch.randn(shape["T"], shape["D"], generator=torch.Generator().manual_seed(5))
+    dy_TD = dy_TD.to(dtype=FORCED_DTYPE, device=DEVICE)
+    want = reference_grads(case, dy_TD)
+    tuners, configs = tuners_and_configs(kernel, shape)
+
+    def run_one(config):
+        assert_grads_match(run_backward(case, dy_TD), want, case[1], FORCED_DTYPE)
+
+    assert not forced_runs(monkeypatch, tuners, configs, run_one)
+
+
 def test_torch_compile_keeps_forward_and_backward_ops_whole():
     """fullgraph=True: no graph break around the layer; each op is one node of its graph."""
     from functorch.compile import make_boxed_func
