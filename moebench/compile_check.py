@@ -36,7 +36,7 @@ SM = 90
 # skips it at launch (OutOfResources).
 SMEM_LIMIT = 227 * 1024
 TILE_HEIGHTS = (16, 32, 64, 128)  # what fused._block_m can choose for prefill
-EXPERT_WIDTHS = (8, 64, 1024)  # F for the pruning: narrow, middle, wide experts
+EXPERT_WIDTHS = (8, 32, 64, 1024)  # F for the pruning: narrow, middle, wide experts
 # Argument sizes: multiples of 16 like the real shapes, so they specialize the same way.
 D, F, K, E, T_BUCKET, SLOTS = 4096, 1024, 8, 64, 4096, 1000
 S = T_BUCKET * K
@@ -234,6 +234,7 @@ def format_table(results: list[Result]) -> str:
         c = r.case.config
         block_m = r.case.block_m or c.get("BLOCK_M")
         variant = r.case.variant + ("/tma" if c.get("TMA") else "")
+        variant += f"/x{c['N_BLOCKS']}" if c.get("N_BLOCKS", 1) > 1 else ""
         width = c.get("BLOCK_N", c.get("BLOCK_E", c.get("BLOCK_SLOTS", c.get("BLOCK"))))
         inner = c.get("BLOCK_K", c.get("BLOCK_C", c.get("CHUNK", 0)))
         verdict = "ok" if r.ok else (r.error or f"SPILLS {r.spill_bytes} B")

@@ -256,13 +256,15 @@ def _down_kernel(
     stride_hs, stride_hf, stride_we, stride_wd, stride_wf, stride_yr, stride_yd,
     WEIGHTED: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
-    TMA: tl.constexpr = False,
+    TMA: tl.constexpr = False, N_BLOCKS: tl.constexpr = 1,
 ):  # fmt: skip
     # TMA: h through h_desc ([S, F], [BLOCK_M, BLOCK_K] boxes at the tile's first row: rows
     # past the tile are other experts' rows, computed and not stored) and the weights
     # through w_desc (down as [E * D, F], [BLOCK_N, BLOCK_K] boxes); past F the boxes read
-    # zeros.
-    i_m, i_n = _tile_coords(tl.program_id(0), num_tiles, (D + BLOCK_N - 1) // BLOCK_N, GROUP_SIZE_M)
+    # zeros. A program covers N_BLOCKS consecutive BLOCK_N column blocks, one after another.
+    num_blocks_n = (D + BLOCK_N - 1) // BLOCK_N
+    num_groups_n = (num_blocks_n + N_BLOCKS - 1) // N_BLOCKS
+    i_m, i_g = _tile_coords(tl.program_id(0), num_tiles, num_groups_n, GROUP_SIZE_M)
     row_start = tl.load(tile_start_ptr + slot0 + i_m)
     row_end = tl.load(tile_end_ptr + slot0 + i_m)
     if row_start >= row_end:
@@ -272,35 +274,36 @@ def _down_kernel(
     o_m = row_start + tl.arange(0, BLOCK_M)
     m_m = o_m < row_end
     o_p = tl.load(order_ptr + o_m, mask=m_m, other=0)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = o_n < D
     o_k = tl.arange(0, BLOCK_K)
+    for j in range(N_BLOCKS):
+        i_n = i_g * N_BLOCKS + j
+        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_n = o_n < D
+        p_h = h_ptr + o_m[:, None] * stride_hs + o_k[None, :] * stride_hf
+        p_w = w_ptr + i_e * stride_we + o_n[None, :] * stride_wd + o_k[:, None] * stride_wf
+        b_y = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+        w_row = (i_e * D + i_n * BLOCK_N).to(tl.int32)  # TMA coordinates are 32-bit
+        for k in range(0, F, BLOCK_K):
+            if TMA:
+                b_h = h_desc.load([row_start.to(tl.int32), k])
+                b_w = w_desc.load([w_row, k]).T
+            else:
+                m_k = o_k < F - k
+                b_h = tl.load(p_h, mask=m_m[:, None] & m_k[None, :], other=0.0)
+                b_w = tl.load(p_w, mask=m_k[:, None] & m_n[None, :], other=0.0)
+            b_y += tl.dot(b_h, b_w, input_precision="ieee")
+            p_h += BLOCK_K * stride_hf
+            p_w += BLOCK_K * stride_wf
 
-    p_h = h_ptr + o_m[:, None] * stride_hs + o_k[None, :] * stride_hf
-    p_w = w_ptr + i_e * stride_we + o_n[None, :] * stride_wd + o_k[:, None] * stride_wf
-    b_y = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
-    w_row = (i_e * D + i_n * BLOCK_N).to(tl.int32)  # TMA coordinates are 32-bit
-    for k in range(0, F, BLOCK_K):
-        if TMA:
-            b_h = h_desc.load([row_start.to(tl.int32), k])
-            b_w = w_desc.load([w_row, k]).T
+        if WEIGHTED:
+            b_y *= tl.load(routing_ptr + o_p, mask=m_m, other=0.0).to(tl.float32)[:, None]
+        m_y = m_m[:, None] & m_n[None, :]
+        if ATOMIC:
+            p_y = y_ptr + (o_p // K)[:, None] * stride_yr + o_n[None, :] * stride_yd
+            tl.atomic_add(p_y, b_y, mask=m_y, sem="relaxed")
         else:
-            m_k = o_k < F - k
-            b_h = tl.load(p_h, mask=m_m[:, None] & m_k[None, :], other=0.0)
-            b_w = tl.load(p_w, mask=m_k[:, None] & m_n[None, :], other=0.0)
-        b_y += tl.dot(b_h, b_w, input_precision="ieee")
-        p_h += BLOCK_K * stride_hf
-        p_w += BLOCK_K * stride_wf
-
-    if WEIGHTED:
-        b_y *= tl.load(routing_ptr + o_p, mask=m_m, other=0.0).to(tl.float32)[:, None]
-    m_y = m_m[:, None] & m_n[None, :]
-    if ATOMIC:
-        p_y = y_ptr + (o_p // K)[:, None] * stride_yr + o_n[None, :] * stride_yd
-        tl.atomic_add(p_y, b_y, mask=m_y, sem="relaxed")
-    else:
-        p_y = y_ptr + o_p[:, None] * stride_yr + o_n[None, :] * stride_yd
-        tl.store(p_y, b_y.to(y_ptr.dtype.element_ty), mask=m_y)
+            p_y = y_ptr + o_p[:, None] * stride_yr + o_n[None, :] * stride_yd
+            tl.store(p_y, b_y.to(y_ptr.dtype.element_ty), mask=m_y)
 
 
 @triton.jit
@@ -452,20 +455,28 @@ def _configs(path, kernel, tma=False):
         # tiles). 128 x 256 with 8 warps is the Hopper shape for large experts.
         shapes += [(128, 32, 4, 4), (128, 64, 4, 3), (128, 16, 4, 4), (256, 16, 4, 3),
                    (256, 32, 4, 3), (256, 64, 8, 3), (256, 32, 8, 4)]  # fmt: skip
+        # With F <= BLOCK_K a program's reduction is one step, cheaper than launching it:
+        # these cover 4 or 8 column blocks each (_prune offers them there, for tiles of up to
+        # 32 rows: at 64 the 32-deep one spills, sm_90).
+        looped = [(256, 16, 4, 3, 4), (256, 16, 4, 3, 8), (256, 32, 4, 3, 8)]
         # TMA boxes for both operands (a tile's rows of h are contiguous).
         tma_shapes = [(128, 64, 8, 3), (256, 64, 8, 3), (128, 64, 4, 4)]
+    groups = [({}, shapes)]
+    if kernel == "down":
+        groups += [({"N_BLOCKS": nb}, [(n, k, w, s)]) for n, k, w, s, nb in looped]
     if not tma:
         return [
-            triton.Config({"BLOCK_N": n, "BLOCK_K": k, "GROUP_SIZE_M": 8}, num_warps=w,
+            triton.Config({"BLOCK_N": n, "BLOCK_K": k, "GROUP_SIZE_M": 8, **flag}, num_warps=w,
                           num_stages=s)
-            for n, k, w, s in shapes
+            for flag, group in groups
+            for n, k, w, s in group
         ]  # fmt: skip
     # Launches of these get descriptors, which the pointer configs fit too, unused: one
     # specialization per config.
     return [
         triton.Config({"BLOCK_N": n, "BLOCK_K": k, "GROUP_SIZE_M": 8, **flag}, num_warps=w,
                       num_stages=s, pre_hook=_fit_descriptors)
-        for flag, group in (({}, shapes), ({"TMA": True}, tma_shapes))
+        for flag, group in [*groups, ({"TMA": True}, tma_shapes)]
         for n, k, w, s in group
     ]  # fmt: skip
 
@@ -510,6 +521,12 @@ def _prune(kernel):
     def prune(configs, nargs, **kwargs):
         if kwargs["BLOCK_M"] < 64:
             configs = [c for c in configs if not c.kwargs.get("TMA")]
+        if kernel == "down":  # column blocks in a loop: one-step reductions, short tiles
+            configs = [
+                c for c in configs
+                if c.kwargs.get("N_BLOCKS", 1) == 1
+                or (nargs["F"] <= c.kwargs["BLOCK_K"] and kwargs["BLOCK_M"] <= 32)
+            ]  # fmt: skip
         accumulators = _ACCUMULATORS[kernel] * kwargs["BLOCK_M"]
         fits = [c for c in configs if accumulators * c.kwargs["BLOCK_N"] <= 128 * 32 * c.num_warps]
         cap = max(16, _pow2(nargs["F"]))
@@ -771,11 +788,14 @@ def _sections(schedule, block_m, big_m):
 
 
 def _tile_launch(tuner, section, width, args, key, descriptors=None, **constexprs):
-    """A tile kernel over one section: a program per (tile slot, BLOCK_N block of width).
+    """A tile kernel over one section: a program per (tile slot, BLOCK_N block of width), or
+    per N_BLOCKS such blocks where the config sets N_BLOCKS (down).
 
     descriptors: the launch's TMA descriptors by argument name (tuned sections only).
     """
-    grid = lambda meta: (section.slots * _cdiv(width, meta["BLOCK_N"]),)
+    grid = lambda meta: (
+        section.slots * _cdiv(_cdiv(width, meta["BLOCK_N"]), meta.get("N_BLOCKS", 1)),
+    )
     if section.tuned:
         fit = None
         if descriptors:

@@ -295,6 +295,44 @@ def test_tma_configs_match_reference(monkeypatch, tma_only, combine, two_heights
         assert_grads_match(got, reference_grads(case, dy_TD), case[1], dtype)
 
 
+@pytest.mark.parametrize(
+    ("D", "K", "combine", "two_heights"),
+    [(80, 2, "pairs", False), (150, 2, "atomic", False), (150, 1, "pairs", False),
+     (80, 2, "pairs", True)],
+    ids=["D80-pairs", "D150-atomic", "D150-K1", "two-heights"],
+)  # fmt: skip
+def test_down_programs_looping_over_column_blocks(monkeypatch, D, K, combine, two_heights):
+    """Three 32-wide column blocks a program: D = 80 is one group, the last block partial;
+    D = 150 is two groups, the second with a block past D. dx takes the same kernel."""
+    import triton
+
+    config = triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_SIZE_M": 4, "N_BLOCKS": 3})
+    for tma in (False, True):
+        monkeypatch.setattr(fused._DOWN["prefill", tma], "configs", [config])
+    monkeypatch.setattr(fused, "_TUNED", {})
+    if two_heights:
+        monkeypatch.setattr(fused, "BIG_M", 32)
+    hot = 3 if two_heights else None
+    case = make_case(T=100, D=D, F=24, E=16, K=K, dtype=torch.float32, hot_expert=hot)
+    out, stats = run(case, combine)
+    assert stats["path"] == "prefill" and stats["config"]["down"]["N_BLOCKS"] == 3
+    assert not two_heights or stats["big_m"] == 32
+    assert rel_err(out, reference(*case)) < TOLERANCE[torch.float32]
+    dy_TD = torch.randn(100, D, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    got = run_backward(case, dy_TD, combine)
+    assert_grads_match(got, reference_grads(case, dy_TD), case[1], torch.float32)
+
+
+def test_prune_loops_column_blocks_for_one_step_reductions_only(monkeypatch):
+    monkeypatch.setattr(fused, "_INTERPRET", False)  # the compiled search spaces
+    configs = fused._configs("prefill", "down", tma=True)
+    for F, block_m, offered in [(8, 16, True), (32, 32, True), (64, 16, False), (8, 64, False)]:
+        kept = fused._prune("down")(configs, {"F": F}, BLOCK_M=block_m)
+        looped = [c for c in kept if c.kwargs.get("N_BLOCKS", 1) > 1]
+        assert bool(looped) == offered, (F, block_m)
+        assert all(c.kwargs["BLOCK_K"] >= F for c in looped)
+
+
 def test_tma_only_where_tensors_allow_it(tma_only):
     """A descriptor needs 16-bit elements, a unit last stride and 16-byte aligned rows and
     base; without one, the kernel takes the pointer tuner."""
