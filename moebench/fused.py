@@ -694,8 +694,10 @@ SCHEDULE_BLOCKS = {
     _counted_schedule_kernel: _COUNTED_BLOCKS,
 }
 if _INTERPRET:  # its cost is per op, not per element: one wide step, not (S / 32)^2 / 2
-    wide = {"BLOCK": COUNTED_MAX_PAIRS, "CHUNK": COUNTED_MAX_PAIRS}
-    SCHEDULE_BLOCKS = SCHEDULE_BLOCKS | {_counted_schedule_kernel: wide}
+    SCHEDULE_BLOCKS[_counted_schedule_kernel] = {
+        "BLOCK": COUNTED_MAX_PAIRS,
+        "CHUNK": COUNTED_MAX_PAIRS,
+    }
 
 
 def tile_schedule(ids_TK, num_experts, block_m, big_m=0):
@@ -815,21 +817,22 @@ def gate_up_swiglu(x_TD, gate_up_E2FD, schedule, sections, top_k, path, t_bucket
     assert F2 % 2 == 0 and x_TD.shape[1] == D, "gate_up must be [E, 2F, D] with x [T, D]"
     F = F2 // 2
     h_SF = x_TD.new_empty(schedule.order_S.numel(), F)
-    w_desc = None
+    descs = {}
     if path == "prefill" and gate_up_E2FD.is_contiguous():
-        w_desc = _descriptor(gate_up_E2FD.view(E * F2, D))
-    tuner = _GATE_UP[path, w_desc is not None]
+        descs = {"w_desc": _descriptor(gate_up_E2FD.view(E * F2, D))}
+        if None in descs.values():
+            descs = {}
+    tuner = _GATE_UP[path, bool(descs)]
     config = None
     for section in sections:
-        desc = w_desc if section.tuned else None  # big tiles: a fixed pointer config
+        d = descs if section.tuned else {}  # big tiles: a fixed pointer config
         args = (
             x_TD, gate_up_E2FD, h_SF, schedule.order_S, schedule.expert_N, schedule.start_N,
-            schedule.end_N, desc, D, F, top_k, E, t_bucket, section.slot0, section.slots,
-            *x_TD.stride(), *gate_up_E2FD.stride(), *h_SF.stride(),
+            schedule.end_N, d.get("w_desc"), D, F, top_k, E, t_bucket, section.slot0,
+            section.slots, *x_TD.stride(), *gate_up_E2FD.stride(), *h_SF.stride(),
         )  # fmt: skip
         key = (E, D, F, top_k, t_bucket, x_TD.dtype, gate_up_E2FD.dtype)
-        descs = None if desc is None else {"w_desc": desc}
-        config = _tile_launch(tuner, section, F, args, key, descs)
+        config = _tile_launch(tuner, section, F, args, key, d)
     return h_SF, config
 
 
