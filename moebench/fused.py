@@ -5,8 +5,9 @@ BLOCK_M sorted rows, each tile belonging to one expert; only experts that receiv
 get tiles, so a layer with 8192 experts and a handful of tokens each launches no program for
 an empty expert and pads no expert to a fixed capacity (ideas from vLLM's
 moe_align_block_size and ScatterMoE's scatter2scatter). The schedule is one sort and two
-small kernels (one counting kernel for the few pairs of decode), with shapes known from the
-input shapes alone: no host synchronisation, so the layer can be captured in a CUDA graph.
+small kernels (one counting kernel for the few pairs of decode, none for a single token),
+with shapes known from the input shapes alone: no host synchronisation, so the layer can be
+captured in a CUDA graph.
 The grid has room for the most tiles any routing can produce, cdiv(S, BLOCK_M) + min(E, S);
 programs past the real tile count exit at once.
 BLOCK_M follows the average expert load, which is the wrong height for the few experts that
@@ -662,7 +663,7 @@ class TileSchedule(NamedTuple):
     """
 
     order_S: torch.Tensor  # [S] pair index t*K + j of each sorted row, stable within an expert
-    offsets_E1: torch.Tensor  # [E + 1] first sorted row of each expert, then S
+    offsets_E1: torch.Tensor | None  # [E + 1] first sorted row of each expert, then S
     expert_N: torch.Tensor  # [N] expert of each tile slot
     start_N: torch.Tensor  # [N] first sorted row of each tile slot
     end_N: torch.Tensor  # [N] one past its last sorted row
@@ -709,7 +710,7 @@ def tile_schedule(ids_TK, num_experts, block_m, big_m=0):
     schedule of at most COUNTED_MAX_PAIRS pairs (decode) is one launch that counts instead
     of sorting, and comes out the same.
     """
-    ids_S = ids_TK.reshape(-1)
+    ids_S = ids_TK.reshape(-1).contiguous()  # the counting kernel reads it by pair
     S, E = ids_S.numel(), num_experts
     if big_m and big_m <= block_m:
         raise ValueError(f"big_m={big_m} must exceed block_m={block_m}, or be 0 (one height)")
@@ -741,6 +742,33 @@ def tile_schedule(ids_TK, num_experts, block_m, big_m=0):
         height, E.bit_length(), BLOCK_M=block_m, **blocks,
     )  # fmt: skip
     return TileSchedule(order_S, offsets_E1, expert_N, start_N, end_N)
+
+
+# (rows 0..S-1, rows 1..S) of each device's one-token schedules: constants, made once.
+_PAIR_ROWS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def pair_tiles(ids_TK):
+    """The schedule of one token (T = 1), with no launch: a tile per pair, in pair order.
+
+    A token's K pairs would sort into K one-row tiles (its experts are distinct, and where
+    they repeat, two one-row tiles of an expert compute the same rows): only the tiles'
+    order differs, and each row's result does not depend on it. offsets_E1 is None: the
+    forward's kernels do not read it (the backward's weight gradients do, and take the
+    sorted schedule).
+    """
+    ids_S = ids_TK.reshape(-1).contiguous()  # the kernels read expert_N by slot
+    S = ids_S.numel()
+    key = (ids_S.device, S)
+    rows = _PAIR_ROWS.get(key)
+    if rows is None:
+        rows_S1 = torch.arange(S + 1, device=ids_S.device)
+        rows = rows_S1[:S], rows_S1[1:]
+        capturing = ids_S.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not capturing:  # not in memory that a CUDA graph's pool owns
+            _PAIR_ROWS[key] = rows
+    first_S, end_S = rows
+    return TileSchedule(first_S, None, ids_S, first_S, end_S)
 
 
 # torch.compile keeps the schedule's kernels as one graph node (it cannot trace launches of
@@ -1072,6 +1100,7 @@ def forward(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF, out_TD, stats, *,
         )
     T, K = ids_TK.shape
     E, F2, _ = gate_up_E2FD.shape
+    weights_TK = weights_TK.contiguous()  # the kernels read it by pair index
     path = "decode" if T <= DECODE_MAX_TOKENS else "prefill"
     if stats is not None:
         stats["path"] = path
@@ -1081,16 +1110,19 @@ def forward(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF, out_TD, stats, *,
     t_bucket = _pow2(T)
     block_m = _block_m(path, t_bucket, K, E)
     big_m = _big_m(path, block_m)
-    if torch.compiler.is_compiling():
+    differentiable = (x_TD, weights_TK, gate_up_E2FD, down_EDF)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
+    compiling = torch.compiler.is_compiling()
+    if compiling:
         schedule = TileSchedule(*_tile_schedule_op(ids_TK, E, block_m, big_m))
+    elif T == 1 and not needs_grad:
+        schedule = pair_tiles(ids_TK)
     else:
         schedule = tile_schedule(ids_TK, E, block_m, big_m)
     if stats is not None:
         stats.update(block_m=block_m, big_m=big_m, tile_slots=schedule.expert_N.numel(),
                      combine=_combine_mode(K, combine))  # fmt: skip
-    differentiable = (x_TD, weights_TK, gate_up_E2FD, down_EDF)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
-    if needs_grad or torch.compiler.is_compiling():
+    if needs_grad or compiling:
         # The op is what autograd differentiates and what torch.compile keeps as one node
         # (tracing into the kernel launches fails under the interpreter).
         y_TD, _ = _fused_moe(*differentiable, *schedule, path, block_m, big_m, combine)

@@ -182,6 +182,33 @@ def test_decode_counts_instead_of_sorting(monkeypatch):
     assert rel_err(out_TD, reference(*case)) < TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize(
+    "ids", [[5, 1, 6, 3], [2, 2, 7, 2], [0, 9, 4, 1, 6, 11, 3, 8]], ids=["K4", "repeats", "K8"]
+)
+def test_one_token_needs_no_schedule_launch(monkeypatch, ids, dtype):
+    """T = 1 without autograd: a one-row tile per pair, in pair order, made of constants.
+    Its output is the sorted schedule's, bit for bit (ids repeated within the token too);
+    with autograd the layer takes the sorted schedule, whose offsets the backward reads."""
+    K = len(ids)
+    case = make_case(T=1, D=40, F=24, E=12, K=K, dtype=dtype)
+    # A strided view of the ids: the kernels read expert_N as a contiguous slot array.
+    ids_TK = torch.tensor([[e for i in ids for e in (i, 11)]], device=DEVICE)[:, ::2]
+    case = (case[0], ids_TK, *case[2:])
+    with_grad = [t.clone().requires_grad_() for t in (case[0], case[3])]
+    sorted_out = torch.empty_like(case[0])
+    fused.forward(with_grad[0], ids_TK, case[2], with_grad[1], case[4], sorted_out, None)
+
+    def no_schedule(*args, **kwargs):
+        raise AssertionError("one token built a sorted or counted schedule")
+
+    monkeypatch.setattr(fused, "tile_schedule", no_schedule)
+    out, stats = run(case)
+    assert (stats["path"], stats["tile_slots"]) == ("decode", K)
+    assert rel_err(out, reference(*case)) < TOLERANCE[dtype]
+    assert torch.equal(out, sorted_out.detach())
+
+
 def test_tile_heights_are_checked():
     ids_TK = torch.zeros(4, 1, dtype=torch.long, device=DEVICE)
     with pytest.raises(ValueError, match="big_m=16 must exceed block_m=16"):
@@ -210,6 +237,17 @@ def test_matches_float64_reference(shape, dtype, path):
     assert stats["path"] == path
     assert out.dtype == dtype
     assert rel_err(out, reference(*case)) < TOLERANCE[dtype]
+
+
+def test_strided_routing(path):
+    """ids and weights as column views of wider tensors: the kernels index them by pair."""
+    case = make_case(T=9, D=16, F=16, E=6, K=3, dtype=torch.float32)
+    ids_TK, weights_TK = (torch.stack([t, -t - 1], dim=2).flatten(1)[:, ::2] for t in case[1:3])
+    assert not ids_TK.is_contiguous() and torch.equal(ids_TK, case[1])
+    out, _ = run((case[0], ids_TK, weights_TK, *case[3:]))
+    assert rel_err(out, reference(*case)) < TOLERANCE[torch.float32]
+    got = run_backward((case[0], ids_TK, weights_TK, *case[3:]), torch.ones_like(case[0]))
+    assert_grads_match(got, reference_grads(case, torch.ones_like(case[0])), ids_TK, torch.float32)
 
 
 def test_routing_weights_in_x_dtype(path):

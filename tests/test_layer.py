@@ -71,6 +71,19 @@ def test_matches_float64_reference(impl, dtype, shape, skew, request):
     assert rel_err(y, ref) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("impl", sorted(mb.IMPLS))
+@pytest.mark.parametrize("shape", ["T1", "odd"])
+def test_routing_may_be_strided(impl, shape):
+    """A router's ids and weights as column views of wider tensors (every other column)."""
+    _, x, r, w = make_case(shape, "random", torch.float32, seed=4)
+    wide = [torch.stack([t, t], dim=2).flatten(1) for t in (r.ids, r.weights)]
+    strided = mb.Routing(ids=wide[0][:, ::2], weights=wide[1][:, ::2])
+    assert not strided.ids.is_contiguous() and torch.equal(strided.ids, r.ids)
+    options = {"capacity_factor": None} if impl == "padded" else {}
+    y = run_poisoned(impl, x, strided, w, **options)
+    assert rel_err(y, mb.reference(x, r, w)) < TOLERANCE[torch.float32]
+
+
 def test_implementations_agree_with_each_other():
     _, x, r, w = make_case("odd", "zipf:1.2", torch.float32, seed=3)
     outs = {impl: mb.IMPLS[impl](x, r, w) for impl in ("naive", "sorted")}
