@@ -757,7 +757,8 @@ def pair_tiles(ids_TK):
     forward's kernels do not read it (the backward's weight gradients do, and take the
     sorted schedule).
     """
-    ids_S = ids_TK.reshape(-1).contiguous()  # the kernels read expert_N by slot
+    # The kernels read expert_N by slot, and index the weights by it in 64 bits.
+    ids_S = ids_TK.reshape(-1).to(torch.int64).contiguous()
     S = ids_S.numel()
     key = (ids_S.device, S)
     rows = _PAIR_ROWS.get(key)
