@@ -196,6 +196,9 @@ def _print_breakdowns(points, records, args, profile) -> None:
         if r["status"] != "ok":
             continue
         print(f"{r['label']} {r['skew']} {r['impl']}")
+        kernels = sweep.tuned_kernels(r["layer_stats"])
+        if kernels:
+            print("  tuned: " + ", ".join(f"{k} {v}" for k, v in kernels.items()))
         point = by_label[r["label"]]
         try:
             rows = sweep.op_breakdown(point, r["impl"], r["skew"], profile=profile)

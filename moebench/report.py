@@ -3,7 +3,8 @@
     python -m moebench.report [RUN.json ...]
 
 With no argument it reports the newest run in each results/<profile>-<machine>/ folder.
-Beside each run it writes summary.csv (every record, the units in the column names),
+Beside each run it writes summary.csv (every record, the units in the column names; what
+the layer reported of its call, e.g. the triton layer's tuned configs, as JSON),
 summary.md (the machine, then per family: balanced-routing throughput, load-imbalance
 overhead per skew, padded's dropped fraction, what was skipped and why) and plots/:
 throughput-<family>.png, peak-memory.png, imbalance-<family>.png.
@@ -12,6 +13,7 @@ throughput-<family>.png, peak-memory.png, imbalance-<family>.png.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -22,7 +24,7 @@ matplotlib.use("Agg")  # files only; never open a window
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from . import grid, targets
+from . import grid, sweep, targets
 from .sweep import load_run
 
 COLORS = {"naive": "tab:gray", "padded": "tab:orange", "sorted": "tab:blue", "triton": "tab:red"}
@@ -55,12 +57,18 @@ SUMMARY_COLUMNS = {
     "dropped_fraction": "dropped_fraction",
     "rel_err": "rel_err",
     "reason": "reason",
+    "layer_stats": "layer_stats_json",
 }
 
 
 def summary(frame: pd.DataFrame) -> pd.DataFrame:
     """The records with the report's column names; peak memory in MiB."""
-    frame = frame.assign(peak_mib=pd.to_numeric(frame["peak_bytes"]) / 2**20)
+    frame = frame.assign(
+        peak_mib=pd.to_numeric(frame["peak_bytes"]) / 2**20,
+        layer_stats=frame["layer_stats"].map(
+            lambda s: json.dumps(s) if isinstance(s, dict) else None
+        ),
+    )
     return frame[list(SUMMARY_COLUMNS)].rename(columns=SUMMARY_COLUMNS)
 
 
@@ -172,6 +180,12 @@ def markdown(env: dict, frame: pd.DataFrame) -> str:
             )
             table.columns = list(columns.values())
             out += ["### Balanced routing", "", markdown_table(table), ""]
+            configs = _triton_configs(balanced)
+            if len(configs):
+                configs = configs.sort_values("point", key=lambda s: s.map(order.index))
+                out += ["Tuned triton kernels (balanced routing): tile heights (rows), then "
+                        "each kernel's BLOCK_N x BLOCK_K, warps, stages:", ""]  # fmt: skip
+                out += [markdown_table(configs), ""]
         unbalanced = ok[ok["skew"] != "balanced"]
         if unbalanced["imbalance_overhead"].notna().any():
             table = _pivot(ok, family, profile, "imbalance_overhead", ["label", "impl"], "skew")
@@ -197,6 +211,17 @@ def markdown(env: dict, frame: pd.DataFrame) -> str:
             table.columns = ["impl", "points", "reason"]
             out += ["### Skipped", "", markdown_table(table), ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _triton_configs(records: pd.DataFrame) -> pd.DataFrame:
+    """point, path, tile heights and the tuned gate_up and down configs of the triton
+    records that report them."""
+    rows = []
+    for r in records[records["impl"] == "triton"].itertuples():
+        kernels = sweep.tuned_kernels(r.layer_stats)
+        if kernels:
+            rows.append({"point": r.label, **kernels})
+    return pd.DataFrame(rows)
 
 
 def _panels(frame: pd.DataFrame, family: str) -> list[tuple[str, pd.DataFrame, str]]:

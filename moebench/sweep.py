@@ -44,6 +44,7 @@ RECORD_FIELDS = (
     "peak_bytes", "peak_label",
     "flops", "min_bytes", "tokens_per_s", "tflops", "roofline_fraction",
     "max_over_mean", "touched_experts", "imbalance_overhead", "dropped_fraction", "rel_err",
+    "layer_stats",
 )  # fmt: skip
 SEED = 0
 _CEILINGS: dict[tuple, harness.Ceilings] = {}  # measured once per process and profile
@@ -190,6 +191,7 @@ def _measure(record, forward, impl, x_TD, routing, weights, ctx) -> None:
     y_TD = forward(x_TD, routing, weights, impl=impl, stats=stats)  # checked; compiles
     if impl == "padded":
         record["dropped_fraction"] = stats["dropped"] / routing.ids.numel()
+    record["layer_stats"] = _layer_stats(stats)
     if ctx["check"]:
         record["rel_err"] = _rel_err(
             y_TD, x_TD, routing, weights, stats, ctx["profile"].check_bytes
@@ -209,6 +211,47 @@ def _measure(record, forward, impl, x_TD, routing, weights, ctx) -> None:
         record["graph_ms"] = graphed.median_ms
     except Exception as e:  # the eager numbers above stand; say why there is no replay
         record["graph_reason"] = f"{type(e).__name__}: {_first_line(e)}"
+
+
+def _layer_stats(stats: dict) -> dict | None:
+    """What the layer reported of its call, without tensors (the padded layer's drop
+    mask): the triton layer's path, tile heights, tile slots, combine and tuned configs,
+    the sorted layer's grouped_mm, the padded layer's capacity and drops."""
+
+    def plain(value):
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items() if not torch.is_tensor(v)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+
+    return plain(stats) or None
+
+
+def _config_label(config: dict) -> str:
+    """'128x64 w8 s3 TMA': BLOCK_N x BLOCK_K, warps, stages, and the options set."""
+    label = (
+        f"{config['BLOCK_N']}x{config['BLOCK_K']} w{config['num_warps']} s{config['num_stages']}"
+    )
+    if config.get("TMA"):
+        label += " TMA"
+    if config.get("N_BLOCKS", 1) > 1:
+        label += f" {config['N_BLOCKS']} col blocks"
+    return label
+
+
+def tuned_kernels(layer_stats) -> dict | None:
+    """From a triton record's layer_stats: its path, tile heights (rows; 'big + small' with
+    two) and the gate_up and down configs, as labels; None for other records."""
+    config = layer_stats.get("config") if isinstance(layer_stats, dict) else None
+    if not config:
+        return None
+    heights = layer_stats["block_m"]
+    if layer_stats["big_m"]:
+        heights = f"{layer_stats['big_m']} + {heights}"
+    return {"path": layer_stats["path"], "tiles": heights,
+            "gate_up": _config_label(config["gate_up"]),
+            "down": _config_label(config["down"])}  # fmt: skip
 
 
 def _time(record, call, ctx) -> None:

@@ -1,5 +1,7 @@
 """The report: CSV and markdown tables and PNG plots from a real tiny run."""
 
+import json
+
 import pandas as pd
 import pytest
 
@@ -44,9 +46,12 @@ def test_report_writes_tables_and_plots_beside_the_run(run_file):
         "dropped_fraction",
         "max_over_mean_load",
         "reason",
+        "layer_stats_json",
     ):
         assert column in table.columns
     ok = table[table["status"] == "ok"]
+    padded = ok[ok["impl"] == "padded"]["layer_stats_json"].map(json.loads)
+    assert len(padded) and all(s["capacity"] > 0 for s in padded)
     assert (ok["peak_mib"] * 2**20).round().tolist() == frame.loc[
         frame["status"] == "ok", "peak_bytes"
     ].tolist()
@@ -68,6 +73,28 @@ def test_markdown_summary_sections(run_file):
     assert "| E=8 | naive |" in text
     assert "deepseek-v3/T=16" in text
     assert f"commit `{env['commit']}`" in text
+
+
+def test_tuned_triton_kernels_are_listed(run_file):
+    """Where triton records report their configs (GPU runs), each family lists them."""
+    env, frame = sweep.load_run(run_file)
+    config = {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_SIZE_M": 8, "num_warps": 8, "num_stages": 3}
+    stats = {
+        "path": "prefill", "block_m": 16, "big_m": 128, "tile_slots": 99,
+        "combine": "store-pairs", "config": {
+            "gate_up": {**config, "TMA": True},
+            "down": {**config, "BLOCK_N": 256, "BLOCK_K": 16, "N_BLOCKS": 8},
+        },
+    }  # fmt: skip
+    rows = (frame["impl"] == "triton") & (frame["skew"] == "balanced")
+    rows &= frame["family"] == "scale-out"
+    frame.loc[rows, "status"] = "ok"
+    frame["layer_stats"] = [
+        stats if r else s for r, s in zip(rows, frame["layer_stats"], strict=True)
+    ]
+    text = report.markdown(env, frame)
+    assert "| E=8 | prefill | 128 + 16 | 128x64 w8 s3 TMA | 256x16 w8 s3 8 col blocks |" in text
+    assert text.count("Tuned triton kernels") == 1  # models has no triton record with configs
 
 
 def test_markdown_table_format():

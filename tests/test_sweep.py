@@ -305,6 +305,34 @@ def test_real_layers_on_the_tiny_profile():
         assert (r["dropped_fraction"] is not None) == (r["impl"] == "padded")
     zipf_padded = by_key(records)[("padded", "zipf:1.2")]
     assert 0 < zipf_padded["dropped_fraction"] < 1  # capacity factor 1.25 under a skew
+    # What each layer reported of its call, without the padded layer's drop mask.
+    reported = {r["impl"]: set(r["layer_stats"]) for r in ran}
+    assert reported["padded"] == {"capacity", "dropped"}
+    assert reported["sorted"] == {"grouped_mm"} and reported["naive"] == {"launches"}
+    assert zipf_padded["layer_stats"]["dropped"] > 0
+
+
+def test_tuned_kernels_are_labelled():
+    config = {"BLOCK_N": 64, "BLOCK_K": 128, "GROUP_SIZE_M": 1, "num_warps": 4, "num_stages": 3}
+    stats = {"path": "decode", "block_m": 16, "big_m": 0, "tile_slots": 9, "combine": "pairs",
+             "config": {"gate_up": config, "down": {**config, "TMA": True}}}  # fmt: skip
+    assert sweep.tuned_kernels(stats) == {
+        "path": "decode", "tiles": 16, "gate_up": "64x128 w4 s3", "down": "64x128 w4 s3 TMA"
+    }  # fmt: skip
+    assert sweep.tuned_kernels({**stats, "big_m": 128})["tiles"] == "128 + 16"
+    del stats["config"]  # the triton layer under autograd reports no configs
+    for other in (stats, {"grouped_mm": True}, None):
+        assert sweep.tuned_kernels(other) is None
+
+
+def test_layer_stats_keep_what_json_can_hold():
+    class Opaque:
+        def __repr__(self):
+            return "<opaque>"
+
+    stats = {"mask": torch.ones(2), "config": {"a": (1, 2.5), "t": torch.zeros(1)}, "x": Opaque()}
+    assert sweep._layer_stats(stats) == {"config": {"a": [1, 2.5]}, "x": "<opaque>"}
+    assert sweep._layer_stats({}) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -323,6 +351,7 @@ def test_triton_is_replayed_as_a_cuda_graph_on_the_gpu():
         assert r["status"] == "ok" and r["host_ms"] > 0, r
         if r["impl"] == "triton":
             assert r["graph_reason"] is None and 0 < r["graph_ms"] <= 1.5 * r["time_ms"], r
+            assert {"BLOCK_N", "num_warps"} <= set(r["layer_stats"]["config"]["down"]), r
         else:
             assert r["graph_ms"] is None
 
