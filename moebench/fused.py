@@ -566,13 +566,20 @@ def _expert_grad_configs():
     ]  # fmt: skip
 
 
+def _tuning_bench(kernel_call, quantiles):
+    """Time one candidate config: 25 ms of repeats after 10 of warm-up (triton's default is
+    100 after 25). A GPU sweep tunes each kernel once per point, ten to twenty candidates at
+    40 points; the median of even the slowest kernels (a few ms) still takes five runs."""
+    return triton.testing.do_bench(kernel_call, warmup=10, rep=25, quantiles=quantiles)
+
+
 _KEY = ["E", "D", "F", "K", "T_BUCKET"]
 # Forward tuners by (path, TMA): prefill launches whose tensors TMA can read (see
 # _descriptor) also time the TMA configs.
 _FORWARD_TUNERS = (("decode", False), ("prefill", False), ("prefill", True))
 _GATE_UP = {
     (p, tma): triton.autotune(
-        _configs(p, "gate_up", tma), key=_KEY,
+        _configs(p, "gate_up", tma), key=_KEY, do_bench=_tuning_bench,
         prune_configs_by={"early_config_prune": _prune("gate_up")},
     )(_gate_up_kernel)
     for p, tma in _FORWARD_TUNERS
@@ -580,21 +587,23 @@ _GATE_UP = {
 # Benchmarking a config adds into y; restoring it keeps the tuned call's result exact.
 _DOWN = {
     (p, tma): triton.autotune(
-        _configs(p, "down", tma), key=_KEY, restore_value=["y_ptr"],
+        _configs(p, "down", tma), key=_KEY, restore_value=["y_ptr"], do_bench=_tuning_bench,
         prune_configs_by={"early_config_prune": _prune("down")},
     )(_down_kernel)
     for p, tma in _FORWARD_TUNERS
 }  # fmt: skip
 _SWIGLU_BACKWARD = {
     p: triton.autotune(
-        _swiglu_backward_configs(p), key=_KEY,
+        _swiglu_backward_configs(p), key=_KEY, do_bench=_tuning_bench,
         prune_configs_by={"early_config_prune": _prune("swiglu_backward")},
     )(_swiglu_backward_kernel)
     for p in PATHS
 }  # fmt: skip
 # One tuner per weight: the two gradients have different operand layouts.
 _EXPERT_GRAD = {
-    w: triton.autotune(_expert_grad_configs(), key=["E", "N", "C", "S_BUCKET"])(_expert_grad_kernel)
+    w: triton.autotune(
+        _expert_grad_configs(), key=["E", "N", "C", "S_BUCKET"], do_bench=_tuning_bench
+    )(_expert_grad_kernel)
     for w in ("gate_up", "down")
 }
 

@@ -662,6 +662,25 @@ def test_every_forward_config_matches_reference(monkeypatch, kernel, shape):
     assert not forced_runs(monkeypatch, tuners, configs, run_one)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter offers one config, untimed")
+def test_tuners_time_their_candidates_on_the_gpu(monkeypatch):
+    """The conftest has the other GPU tests skip the timing; here the decode tuners time
+    each candidate their pruning keeps with _tuning_bench, and keep the fastest."""
+    tuners = [fused._GATE_UP["decode", False], fused._DOWN["decode", False]]
+    for tuner in tuners:
+        monkeypatch.setattr(tuner, "_do_bench", fused._tuning_bench)
+        monkeypatch.delitem(tuner.__dict__, "do_bench", raising=False)  # a cached_property
+        monkeypatch.setattr(tuner, "cache", {})
+    monkeypatch.setattr(fused, "_TUNED", {})
+    case = make_case(T=8, D=256, F=128, E=16, K=4, dtype=torch.bfloat16)
+    out, stats = run(case)
+    assert rel_err(out, reference(*case)) < GRAD_TOLERANCE[torch.bfloat16]
+    for tuner, kernel in zip(tuners, ("gate_up", "down"), strict=True):
+        timings = {c.all_kwargs().__repr__(): t[0] for c, t in tuner.configs_timings.items()}
+        assert len(timings) > 1 and all(0 < t < float("inf") for t in timings.values()), timings
+        assert timings[repr(stats["config"][kernel])] == min(timings.values())
+
+
 BACKWARD_FORCED = {f"swiglu_backward-{name}": ("swiglu_backward", s) for name, s in FORCED.items()}
 BACKWARD_FORCED["expert_grad"] = ("expert_grad", FORCED["prefill"])
 
