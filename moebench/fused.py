@@ -758,13 +758,14 @@ _PAIR_ROWS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def pair_tiles(ids_TK):
-    """The schedule of one token (T = 1), with no launch: a tile per pair, in pair order.
+    """The schedule of one token (T = 1), with no launch: a one-row tile per pair, in pair
+    order, to be launched at one tile height.
 
-    A token's K pairs would sort into K one-row tiles (its experts are distinct, and where
-    they repeat, two one-row tiles of an expert compute the same rows): only the tiles'
-    order differs, and each row's result does not depend on it. offsets_E1 is None: the
-    forward's kernels do not read it (the backward's weight gradients do, and take the
-    sorted schedule).
+    With distinct experts (as routers give them), a token's pairs sort into one-row tiles
+    too: only the order of the tiles differs, and no row's result depends on it. An expert
+    that repeats gets one-row tiles here where the sort gives it one taller tile, with the
+    same rows. offsets_E1 is None: the forward's kernels do not read it (the backward's
+    weight gradients do, and take the sorted schedule).
     """
     # The kernels read expert_N by slot, and index the weights by it in 64 bits.
     ids_S = ids_TK.reshape(-1).to(torch.int64).contiguous()
@@ -1126,7 +1127,7 @@ def forward(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF, out_TD, stats, *,
     if compiling:
         schedule = TileSchedule(*_tile_schedule_op(ids_TK, E, block_m, big_m))
     elif T == 1 and not needs_grad:
-        schedule = pair_tiles(ids_TK)
+        schedule, big_m = pair_tiles(ids_TK), 0  # one height: a row per tile
     else:
         schedule = tile_schedule(ids_TK, E, block_m, big_m)
     if stats is not None:
