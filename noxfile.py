@@ -1,4 +1,4 @@
-"""Sessions: tests, lint (and compile, bench, report, regress).
+"""Sessions: tests, lint (and compile, bench, report, regress, targets, microbench, smoke).
 
 Where there is no GPU, each session makes its own virtualenv with the pinned CPU torch
 build. On a GPU runner, run against the interpreter that already has CUDA torch and
@@ -104,9 +104,9 @@ def _python(session: nox.Session, code: str) -> str:
     return session.run("python", "-c", code, silent=True).strip().splitlines()[-1]
 
 
-def _bench(session: nox.Session, results: str, profile: str | None, asv_args=()) -> str:
-    """Sweep the profile into a run file under `results`, then record it with asv (whose
-    suites read that file instead of measuring again). Returns the run file."""
+def _sweep(session: nox.Session, results: str, profile: str | None, *args) -> tuple:
+    """Sweep the profile (default: this machine's) into results/<profile>-<machine>/
+    run-<UTC time>.json with `args` and the session's extra args; (profile, machine, run)."""
     profile = profile or _python(
         session, "from moebench.grid import default_profile_name as f; print(f())"
     )
@@ -114,8 +114,15 @@ def _bench(session: nox.Session, results: str, profile: str | None, asv_args=())
     machine = f"{profile}-{host}"
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     run = os.path.abspath(f"{results}/{machine}/run-{stamp}.json")
-    session.run("python", "-m", "moebench.sweep", "--profile", profile, "--output", run,
+    session.run("python", "-m", "moebench.sweep", "--profile", profile, "--output", run, *args,
                 *session.posargs)  # fmt: skip
+    return profile, machine, run
+
+
+def _bench(session: nox.Session, results: str, profile: str | None, asv_args=()) -> str:
+    """Sweep the profile into a run file under `results`, then record it with asv (whose
+    suites read that file instead of measuring again). Returns the run file."""
+    profile, machine, run = _sweep(session, results, profile)
     env = {"MOEBENCH_PROFILE": profile, "MOEBENCH_RUN": run}
     commit = session.run("git", "rev-parse", "HEAD", external=True, silent=True).strip()
     # `asv machine --yes --machine NAME` keeps only the fields that differ from its
@@ -137,6 +144,20 @@ def bench(session: nox.Session) -> None:
     `nox -s bench -- --families models --flush-l2`."""
     install(session, "bench")
     _bench(session, "results", os.environ.get("MOEBENCH_PROFILE"))
+
+
+@nox.session
+def targets(session: nox.Session) -> None:
+    """The triton layer's targets (issue 5, set for an H100): the forward families for
+    `sorted` and `triton` only, then the report (summary.md, its tuned kernels and target
+    table) and the target table printed. No asv: the run file is the record. Extra args go
+    to the sweep and override these, e.g. `-- --families models --flush-l2`."""
+    install(session, "bench")
+    families = "sonicmoe,scale-out,iso-params,models"
+    _, _, run = _sweep(session, "results", os.environ.get("MOEBENCH_PROFILE"),
+                       "--families", families, "--impls", "sorted,triton")  # fmt: skip
+    session.run("python", "-m", "moebench.report", run)
+    session.run("python", "-m", "moebench.targets", run)
 
 
 @nox.session
