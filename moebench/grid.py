@@ -58,6 +58,12 @@ class Profile:
     # host launching kernels, and the replay shows what the kernels take.
     graph_impls: tuple[str, ...] = ()
     graph_below_ms: float = 0.0
+    # Untimed calls go on until the warm-up took warmup_s, and timed calls until they take
+    # min_time_s (within max_time_s): a GPU sweep times sub-millisecond layers, and 3 warm-up
+    # calls and 20 repeats (10 ms in all) left identical inputs measured 1.7x apart in the
+    # first H100 run (scale-out E = 8, where every skew routes each token to all 8 experts).
+    warmup_s: float = 0.0
+    min_time_s: float = 0.0
 
     def experts(self) -> list[int]:
         return [2**i for i in range(3, self.max_experts.bit_length())]
@@ -86,6 +92,8 @@ PROFILES = {
             train_families=tuple(f + TRAIN for f in FAMILIES),
             graph_impls=("triton",),  # sync-free by design; the others may not capture
             graph_below_ms=5.0,
+            warmup_s=0.05,
+            min_time_s=0.1,
         ),
         Profile(
             name="cpu",

@@ -171,6 +171,10 @@ def make_timer(device, *, flush_l2: bool = False, cuda_graph: bool = False):
     return CpuTimer()
 
 
+# The most timed calls one measurement takes (min_time_s of a call of a few microseconds).
+MAX_REPEATS = 1000
+
+
 def measure(
     fn,
     timer,
@@ -179,20 +183,28 @@ def measure(
     repeats: int,
     max_time_s: float | None = None,
     min_repeats: int = 3,
+    warmup_s: float = 0.0,
+    min_time_s: float = 0.0,
 ) -> Timing:
     """Median time of `fn` after `warmup` untimed calls.
 
-    With `max_time_s`, one more call is timed first and the repeats are cut so that they
-    take about max_time_s, but never below min(repeats, min_repeats): a slow point (the
-    naive loop over 8192 experts) gets a few repeats, a fast one the full count.
+    With `max_time_s`, one more call is timed first; from its time, untimed calls go on
+    until the warm-up has taken warmup_s, and the repeats are set to take at least
+    min_time_s (never fewer than `repeats`) and about max_time_s at most, but never below
+    min(repeats, min_repeats) nor above MAX_REPEATS: a slow point (the naive loop over 8192
+    experts) gets a few repeats, a sub-millisecond one hundreds.
     """
     fn = timer.prepare(fn)
     for _ in range(warmup):
         fn()
     if max_time_s is not None:
         (estimate_ms,) = timer.samples(fn, 1)
-        affordable = round(max_time_s * 1e3 / max(estimate_ms, 1e-6))
-        repeats = min(repeats, max(min_repeats, affordable))
+        call_s = max(estimate_ms, 1e-6) * 1e-3
+        for _ in range(min(MAX_REPEATS, math.ceil(warmup_s / call_s) - warmup)):
+            fn()
+        wanted = max(repeats, math.ceil(min_time_s / call_s))
+        affordable = round(max_time_s / call_s)
+        repeats = min(wanted, max(min(repeats, min_repeats), affordable), MAX_REPEATS)
     samples = timer.samples(fn, repeats)
     return summarize(samples, timer.label, getattr(timer, "host_ms", None))
 

@@ -124,6 +124,13 @@ def _env_lines(env: dict) -> list[str]:
         lines.append("- **partial run**: the sweep stopped before its last point")
     if env.get("clocks"):
         lines.append(f"- clocks: {env['clocks']}")
+    timing = env.get("timing")
+    if timing:
+        lines.append(
+            f"- each measurement: {timing['warmup']} warm-up calls and at least "
+            f"{timing['warmup_s']:g} s of them, then {timing['repeats']} timed calls and at "
+            f"least {timing['min_time_s']:g} s of them, about {timing['max_time_s']:g} s at most"
+        )
     if ceilings:
         lines.append(
             f"- measured ceilings: matmul {ceilings['matmul_flops'] / 1e12:.3g} TFLOP/s, "

@@ -204,10 +204,7 @@ def _measure(record, forward, impl, x_TD, routing, weights, ctx) -> None:
     if not replay or record["time_ms"] >= p.graph_below_ms:
         return
     try:
-        graphed = harness.measure(
-            call, ctx["graph_timer"], warmup=ctx["warmup"], repeats=ctx["repeats"],
-            max_time_s=p.max_time_s,
-        )  # fmt: skip
+        graphed = harness.measure(call, ctx["graph_timer"], **ctx["timing"])
         record["graph_ms"] = graphed.median_ms
     except Exception as e:  # the eager numbers above stand; say why there is no replay
         record["graph_reason"] = f"{type(e).__name__}: {_first_line(e)}"
@@ -256,14 +253,7 @@ def tuned_kernels(layer_stats) -> dict | None:
 
 def _time(record, call, ctx) -> None:
     """Time `call` and fill in the record's timing, memory and throughput fields."""
-    p = ctx["profile"]
-    timing = harness.measure(
-        call,
-        ctx["timer"],
-        warmup=ctx["warmup"],
-        repeats=ctx["repeats"],
-        max_time_s=p.max_time_s,
-    )
+    timing = harness.measure(call, ctx["timer"], **ctx["timing"])
     peak, peak_label = harness.peak_memory(call, ctx["device"])
     seconds = timing.median_ms * 1e-3
     record.update(
@@ -324,7 +314,8 @@ def run_points(
     """Measure every point x skew x impl; one record each (see RECORD_FIELDS).
 
     profile: a grid.Profile or its name; it gives the device, dtype and timing budget.
-    repeats, warmup: override the profile's. check: compare each output with the float64
+    repeats, warmup: override the profile's (and its time floors, min_time_s and
+    warmup_s: an explicit count is taken as given). check: compare each output with the float64
     oracle (rel_err). progress(done, total, record) is called after each record.
     forward: the layer (default moebench.moe_forward), replaceable to plant a slowdown.
     timer, ceilings: default to the profile device's timer and ceilings measured now.
@@ -340,13 +331,24 @@ def run_points(
             "timer": timer,
             "graph_timer": graph_timer,
             "ceilings": ceilings or ceilings_for(p, timer),
-            "repeats": p.repeats if repeats is None else repeats,
-            "warmup": p.warmup if warmup is None else warmup,
+            "timing": timing_options(p, repeats=repeats, warmup=warmup),
             "check": check,
         }
         records = _sweep(points, impls, skews, forward or moe_forward, progress, checkpoint, ctx)
     _add_imbalance(records)
     return records
+
+
+def timing_options(p: grid.Profile, *, repeats=None, warmup=None) -> dict:
+    """harness.measure's options for the profile; a given repeats or warmup count replaces
+    the profile's count and its time floor."""
+    return {
+        "warmup": p.warmup if warmup is None else warmup,
+        "warmup_s": p.warmup_s if warmup is None else 0.0,
+        "repeats": p.repeats if repeats is None else repeats,
+        "min_time_s": p.min_time_s if repeats is None else 0.0,
+        "max_time_s": p.max_time_s,
+    }
 
 
 def op_breakdown(point: grid.Point, impl: str, skew: str, *, profile, calls: int = 10):
@@ -506,6 +508,7 @@ def run_profile(
     with harness.torch_threads(p.threads):
         ceilings = ceilings_for(p, timer)
         env = harness.environment(p.name, device=p.device, timer=timer, ceilings=ceilings)
+        env["timing"] = timing_options(p)
         path = output or run_path(results_dir, env)
 
         def checkpoint(records):

@@ -97,6 +97,31 @@ def test_measure_fits_repeats_to_the_time_budget(call_s, expected_repeats):
     assert t.median_ms == pytest.approx(call_s * 1e3)
 
 
+@pytest.mark.parametrize(
+    ("call_s", "floors", "expected_warmup", "expected_repeats"),
+    [
+        (0.001, dict(warmup_s=0.01), 10, 5),  # 2 counted + 8 more: 10 ms of warm-up
+        (0.001, dict(min_time_s=0.05), 2, 50),  # 50 ms of timed calls, not 5
+        (0.010, dict(min_time_s=1.0), 2, 20),  # the budget (0.2 s) still bounds them
+        (1e-6, dict(min_time_s=1.0), 2, harness.MAX_REPEATS),
+        (0.050, dict(warmup_s=0.01, min_time_s=0.05), 2, 4),  # slow: as without floors
+    ],
+    ids=["warmup-floor", "time-floor", "budget-over-floor", "repeat-cap", "slow-calls"],
+)
+def test_measure_time_floors(call_s, floors, expected_warmup, expected_repeats):
+    clock = FakeClock()
+    calls = []
+
+    def fn():
+        calls.append(1)
+        clock.advance(call_s)
+
+    timer = harness.CpuTimer(clock)
+    t = harness.measure(fn, timer, warmup=2, repeats=5, max_time_s=0.2, **floors)
+    assert t.repeats == expected_repeats
+    assert len(calls) == expected_warmup + 1 + expected_repeats  # with the estimate
+
+
 def test_cuda_only_timer_options_are_refused_on_cpu():
     with pytest.raises(ValueError, match="CUDA"):
         harness.make_timer("cpu", flush_l2=True)

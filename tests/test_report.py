@@ -73,6 +73,7 @@ def test_markdown_summary_sections(run_file):
     assert "| E=8 | naive |" in text
     assert "deepseek-v3/T=16" in text
     assert f"commit `{env['commit']}`" in text
+    assert "- each measurement: 1 warm-up calls and at least 0 s of them, then 3 timed" in text
 
 
 def test_tuned_triton_kernels_are_listed(run_file):

@@ -474,8 +474,31 @@ def test_sweep_command_writes_a_run_of_the_profile(tmp_path, capsys):
     assert env["profile"] == "tiny" and env["duration_s"] > 0
     assert env["ceilings"]["matmul_flops"] > 0
     assert env["torch_threads"] == 1  # the tiny profile's
+    assert env["timing"] == sweep.timing_options(grid.get_profile("tiny"))
     assert len(frame) == 3 * 2 * 2
     assert set(frame["status"]) == {"ok"}
+
+
+def test_timing_options_take_the_profile_floors_unless_counts_are_given():
+    gpu = grid.get_profile("gpu")
+    assert sweep.timing_options(gpu) == {
+        "warmup": 3, "warmup_s": 0.05, "repeats": 20, "min_time_s": 0.1, "max_time_s": 0.5
+    }  # fmt: skip
+    given = sweep.timing_options(gpu, repeats=7, warmup=1)
+    assert (given["repeats"], given["min_time_s"], given["warmup"], given["warmup_s"]) == (
+        7, 0.0, 1, 0.0
+    )  # fmt: skip
+    cpu = sweep.timing_options(grid.get_profile("cpu"))
+    assert cpu["warmup_s"] == cpu["min_time_s"] == 0.0  # the CPU profiles time by count
+
+
+def test_sweep_times_with_the_profile_floors(monkeypatch):
+    seen = []
+    timing = harness.Timing(median_ms=1.0, p20_ms=1.0, p80_ms=1.0, cv=0.0, repeats=3, label="")
+    monkeypatch.setattr(harness, "measure", lambda fn, timer, **kw: seen.append(kw) or timing)
+    tiny = dataclasses.replace(grid.get_profile("tiny"), warmup_s=0.02, min_time_s=0.03)
+    sweep.run_points([POINT], ["sorted"], ["balanced"], profile=tiny, ceilings=FAKE_CEILINGS)
+    assert seen == [sweep.timing_options(tiny)] and seen[0]["min_time_s"] == 0.03
 
 
 def test_a_stopped_sweep_keeps_the_points_it_finished(tmp_path):
