@@ -189,8 +189,8 @@ def measure(
     """Median time of `fn` after `warmup` untimed calls.
 
     With `max_time_s`, one more call is timed first; from its time, untimed calls go on
-    until the warm-up has taken warmup_s, and the repeats are set to take at least
-    min_time_s (never fewer than `repeats`) and about max_time_s at most, but never below
+    until the warm-up has taken warmup_s, and the repeats are `repeats` or enough to take
+    min_time_s, whichever is more, cut to take about max_time_s at most, but never below
     min(repeats, min_repeats) nor above MAX_REPEATS: a slow point (the naive loop over 8192
     experts) gets a few repeats, a sub-millisecond one hundreds.
     """

@@ -25,7 +25,6 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from . import grid, sweep, targets
-from .sweep import load_run
 
 COLORS = {"naive": "tab:gray", "padded": "tab:orange", "sorted": "tab:blue", "triton": "tab:red"}
 SUMMARY_COLUMNS = {
@@ -338,7 +337,7 @@ def plot_imbalance(env, frame, family, path) -> None:
 def write_report(run_path) -> list[Path]:
     """summary.csv, summary.md and plots/ beside the run file; returns the paths."""
     run_path = Path(run_path)
-    env, frame = load_run(run_path)
+    env, frame = sweep.load_run(run_path)
     out_dir = run_path.parent
     plots = out_dir / "plots"
     plots.mkdir(exist_ok=True)
