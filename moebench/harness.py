@@ -308,7 +308,8 @@ def peak_memory(fn, device) -> tuple[int, str]:
 
 
 def useful_flops(cfg: MoEConfig, num_tokens: int) -> int:
-    """6*S*D*F routed + 6*T*D*Fs shared: padding and dropped rows do not count."""
+    """6*S*D*F routed + 6*T*D*Fs shared: padding does not count, and the sweep takes the
+    padded layer's dropped pairs out (6*D*F each)."""
     return cfg.flops(num_tokens)
 
 

@@ -181,6 +181,11 @@ def _train_step(forward, impl, x_TD, routing, weights):
 def _measure(record, forward, impl, x_TD, routing, weights, ctx) -> None:
     """Fill in one record; raises what the layer raises."""
     if _training(record["family"]):
+        if impl == "padded":
+            stats = {}
+            with torch.no_grad():
+                forward(x_TD, routing, weights, impl=impl, stats=stats)
+            _count_drops(record, stats["dropped"])
         call, release = _train_step(forward, impl, x_TD, routing, weights)
         try:
             _time(record, call, ctx)
@@ -190,7 +195,7 @@ def _measure(record, forward, impl, x_TD, routing, weights, ctx) -> None:
     stats = {}
     y_TD = forward(x_TD, routing, weights, impl=impl, stats=stats)  # checked; compiles
     if impl == "padded":
-        record["dropped_fraction"] = stats["dropped"] / routing.ids.numel()
+        _count_drops(record, stats["dropped"])
     record["layer_stats"] = _layer_stats(stats)
     if ctx["check"]:
         record["rel_err"] = _rel_err(
@@ -208,6 +213,14 @@ def _measure(record, forward, impl, x_TD, routing, weights, ctx) -> None:
         record["graph_ms"] = graphed.median_ms
     except Exception as e:  # the eager numbers above stand; say why there is no replay
         record["graph_reason"] = f"{type(e).__name__}: {_first_line(e)}"
+
+
+def _count_drops(record: dict, dropped: int) -> None:
+    """The padded layer's dropped pairs: their fraction of S, and their FLOPs (6*D*F each,
+    three times that with the backward) taken out of the useful ones."""
+    record["dropped_fraction"] = dropped / (record["T"] * record["K"])
+    passes = 3 if _training(record["family"]) else 1
+    record["flops"] -= 6 * dropped * record["D"] * record["F"] * passes
 
 
 def _layer_stats(stats: dict) -> dict | None:

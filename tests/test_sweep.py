@@ -305,6 +305,11 @@ def test_real_layers_on_the_tiny_profile():
         assert (r["dropped_fraction"] is not None) == (r["impl"] == "padded")
     zipf_padded = by_key(records)[("padded", "zipf:1.2")]
     assert 0 < zipf_padded["dropped_fraction"] < 1  # capacity factor 1.25 under a skew
+    # Dropped pairs are not useful work: 6*D*F FLOPs each come off.
+    dropped = zipf_padded["layer_stats"]["dropped"]
+    cfg = POINT.cfg
+    assert zipf_padded["flops"] == cfg.flops(POINT.T) - 6 * dropped * cfg.d_model * cfg.d_ff
+    assert by_key(records)[("sorted", "zipf:1.2")]["flops"] == cfg.flops(POINT.T)
     # What each layer reported of its call, without the padded layer's drop mask.
     reported = {r["impl"]: set(r["layer_stats"]) for r in ran}
     assert reported["padded"] == {"capacity", "dropped"}
@@ -522,6 +527,16 @@ def test_a_stopped_sweep_keeps_the_points_it_finished(tmp_path):
                       skews=["balanced"], check=False)  # fmt: skip
     env, frame = sweep.load_run(out)
     assert "partial" not in env and len(frame) == len(labels)
+
+
+def test_train_families_count_the_padded_layers_drops():
+    (point,) = [p for p in grid.points("models+bwd", "tiny") if p.label == "qwen3-235b-a22b/T=16"]
+    (rec,) = sweep.run_points([point], ["padded"], ["collapse"], profile="tiny")
+    assert rec["status"] == "ok", rec["reason"]
+    dropped = round(rec["dropped_fraction"] * point.T * point.cfg.top_k)
+    assert dropped > 0  # every token on the same K experts, capacity 1.25 x the mean
+    per_pair = 6 * point.cfg.d_model * point.cfg.d_ff
+    assert rec["flops"] == 3 * (point.cfg.flops(point.T) - dropped * per_pair)
 
 
 def test_train_families_time_forward_and_backward():
