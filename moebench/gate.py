@@ -132,7 +132,8 @@ def _points(df: pd.DataFrame, side: str) -> pd.DataFrame:
         cv = ((df["p80_ms"] - df["p20_ms"]) / df["time_ms"] / _NORMAL_P20_P80).fillna(cv)
     # A single run has no spread between runs; merged rounds (best_of) do.
     spread = df.get("spread", 0.0)
-    return df[[*KEY, "status", "time_ms", "rel_err"]].assign(cv=cv, spread=spread)
+    reason = df.get("reason", pd.Series(None, index=df.index, dtype=object))
+    return df[[*KEY, "status", "time_ms", "rel_err"]].assign(cv=cv, spread=spread, reason=reason)
 
 
 def compare(
@@ -203,6 +204,8 @@ def compare(
         cand_err=df["rel_err_cand"],
         err_limit=err_limit.where(both),
         verdict=pd.Categorical(verdict, categories=VERDICTS, ordered=True),
+        # Why a point did not run: the candidate's reason, else the baseline's.
+        reason=df["reason_cand"].where(~ok_cand, None).fillna(df["reason_base"].where(~ok_base)),
     )
     out = out.sort_values(["verdict", "ratio"], ascending=[True, False], kind="stable")
     return out.reset_index(drop=True)

@@ -133,8 +133,13 @@ def test_point_skipped_on_one_side_is_refused_and_on_both_is_skipped():
     with pytest.raises(gate.Incomparable, match="ok only in the baseline"):
         gate.compare((benv, bdf), (cenv, cdf))
     bdf.loc[0, ["status", "time_ms"]] = ["skipped", None]
+    cdf.loc[0, "reason"] = "out of memory: 80.0 GiB"
     table = gate.compare((benv, bdf), (cenv, cdf))
     assert list(table["verdict"]).count("skipped") == 1 and table["verdict"].iloc[-1] == "skipped"
+    # The table says why the point did not run; points that ran have no reason.
+    assert table["reason"].iloc[-1] == "out of memory: 80.0 GiB"
+    assert table["reason"].iloc[:-1].isna().all()
+    assert "out of memory: 80.0 GiB" in gate.format_table(table)
 
 
 def test_correctness_drift_is_caught(capsys, tmp_path):
