@@ -144,8 +144,10 @@ def default_profile_name() -> str:
     name = os.environ.get("MOEBENCH_PROFILE")
     if name:
         return name
-    # is_available() asks the driver without creating a context.
-    return "gpu" if torch.cuda.is_available() else "cpu"
+    # device_count() asks NVML where it can; is_available() initializes the CUDA driver,
+    # after which a forked child cannot use CUDA, and asv's forkserver imports the suites,
+    # which call this, before it forks.
+    return "gpu" if torch.cuda.device_count() > 0 else "cpu"
 
 
 def get_profile(profile: str | Profile | None = None) -> Profile:

@@ -59,6 +59,13 @@ def test_profile_choice(monkeypatch):
     assert grid.get_profile().name == "tiny"
     monkeypatch.delenv("MOEBENCH_PROFILE")
     assert grid.default_profile_name() == ("gpu" if torch.cuda.is_available() else "cpu")
+    # asv's forkserver imports the suites (which choose the profile) before it forks: the
+    # choice must not initialize the CUDA driver, which is_available() does.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: pytest.fail("initializes CUDA"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert grid.default_profile_name() == "gpu"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert grid.default_profile_name() == "cpu"
     with pytest.raises(ValueError, match="unknown profile 'huge'; known: gpu, cpu, tiny"):
         grid.get_profile("huge")
     with pytest.raises(ValueError, match="unknown family"):
