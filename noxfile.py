@@ -1,7 +1,7 @@
 """Sessions: tests, lint (and compile, bench, report, regress, targets, microbench, smoke).
 
-Where there is no GPU, each session makes its own virtualenv with the pinned CPU torch
-build. On a GPU runner, run against the interpreter that already has CUDA torch and
+Each session makes its own virtualenv with the pinned torch (the CPU build on this project's
+CI machines). On a GPU runner, run against the interpreter that already has CUDA torch and
 triton: `nox --no-venv -s bench` (or MOEBENCH_NOX_EXISTING_ENV=1).
 """
 
@@ -18,14 +18,16 @@ nox.options.sessions = ["lint", "tests"]
 if os.environ.get("MOEBENCH_NOX_EXISTING_ENV") == "1":
     nox.options.force_venv_backend = "none"
 
-CPU_TORCH = "torch==2.13.0"  # the CPU build; a bare `torch` pulls GBs of CUDA wheels
+# Pinned: this project's CI machines hold this release's CPU build as a local wheel, where a
+# bare `torch` would pull GBs of CUDA wheels; PyPI serves its CUDA build on Linux.
+TORCH = "torch==2.13.0"
 
 
 def install(session: nox.Session, extras: str) -> None:
     """Install moebench with `extras` into the session's venv; nothing when there is none."""
     if isinstance(session.virtualenv, nox.virtualenv.PassthroughEnv):
         return
-    session.install(CPU_TORCH)
+    session.install(TORCH)
     session.install("-e", f".[{extras}]")
 
 
