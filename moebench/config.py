@@ -60,12 +60,14 @@ class MoEConfig:
                 f"MoEConfig.top_k={self.top_k} exceeds num_experts={self.num_experts}: "
                 "each token's experts are distinct"
             )
-        if not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
+        shared = self.num_shared_experts
+        if not isinstance(shared, int) or isinstance(shared, bool) or shared < 0:
             raise ValueError(
                 f"MoEConfig.num_shared_experts must be an int >= 0, got {self.num_shared_experts!r}"
             )
-        if self.shared_d_ff is not None and (
-            not isinstance(self.shared_d_ff, int) or self.shared_d_ff <= 0
+        width = self.shared_d_ff
+        if width is not None and (
+            not isinstance(width, int) or isinstance(width, bool) or width <= 0
         ):
             raise ValueError(
                 f"MoEConfig.shared_d_ff must be a positive int or None, got {self.shared_d_ff!r}"
@@ -76,6 +78,12 @@ class MoEConfig:
             )
         if self.scoring not in SCORINGS:
             raise ValueError(f"MoEConfig.scoring={self.scoring!r} is unknown; known: {SCORINGS}")
+        if not isinstance(self.renormalize, bool):
+            raise ValueError(
+                f"MoEConfig.renormalize must be True or False, got {self.renormalize!r}"
+            )
+        if not isinstance(self.name, str):
+            raise ValueError(f"MoEConfig.name must be a string, got {self.name!r}")
         if self.dtype not in DTYPES:
             raise ValueError(
                 f"MoEConfig.dtype={self.dtype!r} is unknown; known: {', '.join(DTYPES)}"
@@ -130,6 +138,6 @@ PRESETS: dict[str, MoEConfig] = {
 
 def preset(name: str) -> MoEConfig:
     """The named model's MoE layer at its real shape; a ValueError lists the valid names."""
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
     return PRESETS[name]

@@ -1109,6 +1109,12 @@ def forward(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF, out_TD, stats, *,
         raise RuntimeError(
             "the triton implementation needs a CUDA device, or TRITON_INTERPRET=1 to run on the CPU"
         )
+    if _INTERPRET and x_TD.dtype == torch.bfloat16:
+        # Seen with triton 3.6 and 3.9: outputs of about 1e10 where the other layers give 1.
+        raise ValueError(
+            "the triton implementation gives wrong bfloat16 results under TRITON_INTERPRET=1 "
+            "(the interpreter misreads bf16 loads): use float32 or float16 there, bf16 on a GPU"
+        )
     T, K = ids_TK.shape
     E, F2, _ = gate_up_E2FD.shape
     weights_TK = weights_TK.contiguous()  # the kernels read it by pair index

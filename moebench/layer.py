@@ -23,13 +23,14 @@ _SIGNATURE = ("x_TD", "ids_TK", "weights_TK", "gate_up_E2FD", "down_EDF", "out_T
 
 
 def _module(impl: str):
-    if impl not in _MODULES:
+    if not isinstance(impl, str) or impl not in _MODULES:
         raise ValueError(f"unknown impl {impl!r}; known: {', '.join(_MODULES)}")
     return importlib.import_module(f".{_MODULES[impl]}", __package__)
 
 
 def impl_options(impl: str) -> dict:
     """The keyword options an implementation takes, with their defaults."""
+    _module(impl)  # names a bad impl before the cache hashes it
     return dict(_options(impl))
 
 
@@ -64,13 +65,8 @@ def check_inputs(x_TD, routing, weights, out_TD=None) -> None:
     for name, t in (("routing", routing.ids), ("weights", weights.gate_up)):
         if t.device != x_TD.device:
             raise ValueError(f"x is on {x_TD.device}, {name} on {t.device}: move them together")
-    if out_TD is not None and (
-        out_TD.shape != x_TD.shape or out_TD.dtype != x_TD.dtype or out_TD.device != x_TD.device
-    ):
-        raise ValueError(
-            f"out must be {x_TD.dtype} {tuple(x_TD.shape)} on {x_TD.device}, got "
-            f"{out_TD.dtype} {tuple(out_TD.shape)} on {out_TD.device}"
-        )
+    if out_TD is not None:
+        _check_out(out_TD, x_TD)
     if routing.ids.numel():
         # One host sync for the three value checks.
         lo, hi, nan = torch.stack(
@@ -80,6 +76,20 @@ def check_inputs(x_TD, routing, weights, out_TD=None) -> None:
             raise ValueError(f"expert ids must be in [0, {E}), got ids in [{lo}, {hi}]")
         if nan:
             raise ValueError("routing weights contain NaN")
+
+
+def _check_out(out_TD, x_TD) -> None:
+    if not isinstance(out_TD, torch.Tensor):
+        raise TypeError(f"out must be a tensor, got {type(out_TD).__name__}")
+    if out_TD.shape != x_TD.shape or out_TD.dtype != x_TD.dtype or out_TD.device != x_TD.device:
+        raise ValueError(
+            f"out must be {x_TD.dtype} {tuple(x_TD.shape)} on {x_TD.device}, got "
+            f"{out_TD.dtype} {tuple(out_TD.shape)} on {out_TD.device}"
+        )
+    storage = out_TD.untyped_storage().data_ptr()
+    if x_TD.numel() and storage == x_TD.untyped_storage().data_ptr():
+        # The implementations and the shared expert read x after writing into out.
+        raise ValueError("out shares memory with x: give the output its own tensor")
 
 
 def moe_forward(
@@ -103,6 +113,8 @@ def moe_forward(
     """
     module = _module(impl)
     allowed = _options(impl)
+    if stats is not None and not isinstance(stats, dict):
+        raise TypeError(f"stats must be a dict to fill in, got {type(stats).__name__}")
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise TypeError(f"impl {impl!r} has no option {unknown}; its options: {allowed}")

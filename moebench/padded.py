@@ -44,16 +44,17 @@ def _check_fits(nbytes: int, device: torch.device):
 def forward(
     x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF, out_TD, stats, *, capacity_factor=1.25
 ):
+    number = isinstance(capacity_factor, (int, float)) and not isinstance(capacity_factor, bool)
+    if capacity_factor is not None and not (number and 0 < capacity_factor < math.inf):
+        raise ValueError(f"capacity_factor must be a number > 0 or None, got {capacity_factor!r}")
     T, K = ids_TK.shape
     E, F2, D = gate_up_E2FD.shape
     S = T * K
     slot_S, counts_E = slots(ids_TK, E)
     if capacity_factor is None:
         C = int(counts_E.max())
-    elif capacity_factor > 0:
-        C = max(1, math.ceil(capacity_factor * S / E))
     else:
-        raise ValueError(f"capacity_factor must be > 0 or None, got {capacity_factor!r}")
+        C = max(1, math.ceil(capacity_factor * S / E))
     _check_fits(E * C * (2 * D + 3 * F2 // 2) * x_TD.element_size(), x_TD.device)
 
     ids_S = ids_TK.flatten()

@@ -15,7 +15,7 @@ from .config import SCORINGS, MoEConfig
 SKEWS = ("balanced", "random", "zipf:<s>", "hot:<p>", "collapse")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)  # checked once, here: a field cannot change after
 class Routing:
     """Which K experts each token goes to, and with what weight."""
 
@@ -68,9 +68,10 @@ def route(
     weights. `renormalize` rescales each token's K weights to sum to 1; `scale` multiplies
     them afterwards (DeepSeek-V3's routed scaling factor). Differentiable in `logits_TE`.
     """
-    if logits_TE.dim() != 2:
-        raise ValueError(f"router logits must be [T, E], got shape {tuple(logits_TE.shape)}")
+    _check_logits(logits_TE)
     num_experts = logits_TE.shape[1]
+    if not _is_int(top_k):
+        raise TypeError(f"top_k must be an int, got {top_k!r}")
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k={top_k} must be in [1, E={num_experts}]")
     if scoring not in SCORINGS:
@@ -80,8 +81,9 @@ def route(
     )
     choice_TE = scores_TE
     if bias_E is not None:
-        if bias_E.shape != (num_experts,):
-            raise ValueError(f"router bias must be [E={num_experts}], got {tuple(bias_E.shape)}")
+        if not isinstance(bias_E, torch.Tensor) or bias_E.shape != (num_experts,):
+            shape = tuple(bias_E.shape) if isinstance(bias_E, torch.Tensor) else type(bias_E)
+            raise ValueError(f"router bias must be a tensor [E={num_experts}], got {shape}")
         choice_TE = scores_TE + bias_E.to(scores_TE)
     ids_TK = choice_TE.topk(top_k, dim=-1).indices
     weights_TK = scores_TE.gather(-1, ids_TK)
@@ -97,13 +99,37 @@ def load_balancing_loss(logits_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.
     mean router probability of e (differentiable). Multiply by a small coefficient (0.01 in
     Switch) and add to the training loss.
     """
-    num_experts = logits_TE.shape[1]
+    _check_logits(logits_TE)
+    T, num_experts = logits_TE.shape
+    if not isinstance(ids_TK, torch.Tensor) or ids_TK.dim() != 2 or ids_TK.shape[0] != T:
+        shape = tuple(ids_TK.shape) if isinstance(ids_TK, torch.Tensor) else type(ids_TK).__name__
+        raise ValueError(f"ids must be a tensor [T={T}, K] (Routing.ids), got {shape}")
+    if ids_TK.dtype.is_floating_point or ids_TK.dtype.is_complex or ids_TK.dtype == torch.bool:
+        raise ValueError(f"ids must be an integer tensor, got {ids_TK.dtype}")
+    if T == 0:
+        raise ValueError("the load-balancing loss needs at least one token, got T=0")
+    lo, hi = int(ids_TK.min()), int(ids_TK.max())
+    if lo < 0 or hi >= num_experts:
+        raise ValueError(f"expert ids must be in [0, {num_experts}), got ids in [{lo}, {hi}]")
     probs_E = logits_TE.float().softmax(-1).mean(0)
     counts_E = torch.bincount(ids_TK.flatten(), minlength=num_experts).to(probs_E)
     return num_experts * (counts_E / ids_TK.numel() * probs_E).sum()
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_logits(logits_TE) -> None:
+    if not isinstance(logits_TE, torch.Tensor) or logits_TE.dim() != 2:
+        shape = tuple(logits_TE.shape) if isinstance(logits_TE, torch.Tensor) else None
+        what = f"shape {shape}" if shape is not None else type(logits_TE).__name__
+        raise ValueError(f"router logits must be a tensor [T, E], got {what}")
+
+
 def _parse_skew(skew: str) -> tuple[str, float | None]:
+    if not isinstance(skew, str):
+        raise ValueError(f"skew must be a string such as 'zipf:1.2', got {skew!r}")
     kind, _, arg = skew.partition(":")
     if kind in ("balanced", "random", "collapse") and not arg:
         return kind, None
@@ -139,10 +165,14 @@ def make_routing(
     Expert labels are shuffled by the seed, so the hot or popular experts are not always 0.
     Weights are a softmax of Gaussian logits over each token's K slots (renormalized routing).
     """
+    if not isinstance(cfg, MoEConfig):
+        raise TypeError(f"cfg must be a moebench.MoEConfig, got {type(cfg).__name__}")
     kind, arg = _parse_skew(skew)
     T, E, K = num_tokens, cfg.num_experts, cfg.top_k
-    if not isinstance(T, int) or T <= 0:
+    if not _is_int(T) or T <= 0:
         raise ValueError(f"num_tokens must be a positive int, got {num_tokens!r}")
+    if not _is_int(seed) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
     gen = torch.Generator().manual_seed(seed)
     label_E = torch.randperm(E, generator=gen)  # rank -> expert id
     if kind == "balanced":
@@ -188,7 +218,9 @@ class LoadStats:
 def load_stats(routing: Routing, num_experts: int) -> LoadStats:
     """Per-expert load of a routing: max/mean, coefficient of variation, empty experts."""
     ids = routing.ids.flatten()
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
+    if not ids.numel():
+        raise ValueError("an empty routing (T=0) has no expert load")
+    if int(ids.min()) < 0 or int(ids.max()) >= num_experts:
         raise ValueError(
             f"expert ids must be in [0, {num_experts}), got range "
             f"[{int(ids.min())}, {int(ids.max())}]"

@@ -18,7 +18,7 @@ def _shape(t: torch.Tensor | None) -> tuple | None:
     return None if t is None else tuple(t.shape)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)  # checked once, here: a field cannot change after
 class ExpertWeights:
     gate_up: torch.Tensor  # [E, 2F, D]
     down: torch.Tensor  # [E, D, F]
@@ -27,8 +27,16 @@ class ExpertWeights:
 
     def __post_init__(self):
         gate_up, down = self.gate_up, self.down
-        if gate_up.dim() != 3 or gate_up.shape[1] % 2:
-            raise ValueError(f"gate_up must be [E, 2F, D], got shape {_shape(gate_up)}")
+        for name in ("gate_up", "down", "shared_gate_up", "shared_down"):
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor) and (t is not None or name in ("gate_up", "down")):
+                raise TypeError(f"ExpertWeights.{name} must be a tensor, got {type(t).__name__}")
+        if gate_up.dim() != 3 or gate_up.shape[1] % 2 or 0 in gate_up.shape:
+            raise ValueError(
+                f"gate_up must be [E, 2F, D] with E, F, D >= 1, got shape {_shape(gate_up)}"
+            )
+        if not gate_up.dtype.is_floating_point:
+            raise ValueError(f"expert weights must be floating point, got {gate_up.dtype}")
         E, F2, D = gate_up.shape
         if down.shape != (E, D, F2 // 2):
             raise ValueError(
@@ -39,7 +47,7 @@ class ExpertWeights:
             raise ValueError("shared_gate_up and shared_down must be given together")
         if self.shared_gate_up is not None:
             sgu, sd = self.shared_gate_up, self.shared_down
-            if sgu.dim() != 2 or sgu.shape[1] != D or sgu.shape[0] % 2:
+            if sgu.dim() != 2 or sgu.shape[1] != D or sgu.shape[0] % 2 or not sgu.shape[0]:
                 raise ValueError(f"shared_gate_up must be [2*Fs, D={D}], got {_shape(sgu)}")
             if sd.shape != (D, sgu.shape[0] // 2):
                 raise ValueError(
@@ -66,7 +74,11 @@ class ExpertWeights:
     ) -> ExpertWeights:
         """Gaussian weights scaled by 1/sqrt(fan_in), drawn on `device` straight in `dtype`
         (no float32 copy of a whole model). Reproducible for the same seed and device type."""
+        if not isinstance(cfg, MoEConfig):
+            raise TypeError(f"cfg must be a moebench.MoEConfig, got {type(cfg).__name__}")
         dtype = torch_dtype(dtype or cfg.dtype)
+        if not dtype.is_floating_point:
+            raise ValueError(f"expert weights must be floating point, got {dtype}")
         gen = torch.Generator(device=device).manual_seed(seed)
         D, F, E, Fs = cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.d_ff_shared
 
@@ -115,6 +127,8 @@ class ExpertWeights:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def to(self, device=None, dtype=None) -> ExpertWeights:
+        """A copy on `device` and/or in `dtype` (a torch dtype or a name such as "bf16")."""
+        dtype = None if dtype is None else torch_dtype(dtype)
         return ExpertWeights(
             **{n: t.to(device=device, dtype=dtype) for n, t in self.tensors().items()}
         )

@@ -22,6 +22,10 @@ CFG = mb.MoEConfig(d_model=16, d_ff=8, num_experts=4, top_k=2)
         ("activation", "gelu"),
         ("scoring", "relu"),
         ("dtype", "int8"),
+        ("num_shared_experts", True),
+        ("shared_d_ff", True),
+        ("renormalize", "no"),
+        ("name", None),
     ],
 )
 def test_bad_config_field_is_named(field, value):
@@ -81,6 +85,20 @@ def test_weights_layout_and_checks():
         mb.ExpertWeights(w.gate_up, w.down, w.shared_gate_up, w.shared_down.T)
     with pytest.raises(ValueError, match="share dtype"):
         mb.ExpertWeights(w.gate_up, w.down.double())
+    with pytest.raises(ValueError, match=r"E, F, D >= 1, got shape \(4, 0, 16\)"):
+        mb.ExpertWeights(w.gate_up[:, :0], w.down[:, :, :0])
+    with pytest.raises(ValueError, match="shared_gate_up must be"):
+        mb.ExpertWeights(w.gate_up, w.down, w.shared_gate_up[:0], w.shared_down[:, :0])
+    with pytest.raises(TypeError, match=r"ExpertWeights\.down must be a tensor, got NoneType"):
+        mb.ExpertWeights(w.gate_up, None)
+    with pytest.raises(ValueError, match=r"floating point, got torch\.int32"):
+        mb.ExpertWeights.random(cfg, dtype=torch.int32)
+    with pytest.raises(TypeError, match=r"cfg must be a moebench\.MoEConfig"):
+        mb.ExpertWeights.random("mixtral-8x7b")
+    assert w.to(dtype="bf16").dtype == torch.bfloat16
+    # Checked once, at construction: the fields cannot be swapped for unchecked ones.
+    with pytest.raises(AttributeError):
+        w.down = w.down[:, :, :4]
 
 
 @pytest.fixture
@@ -129,13 +147,51 @@ def test_bad_out_impl_and_options(case):
     x, r, w = case
     with pytest.raises(ValueError, match="out must be"):
         mb.moe_forward(x, r, w, out=torch.empty(6, 8))
+    with pytest.raises(TypeError, match="out must be a tensor, got list"):
+        mb.moe_forward(x, r, w, out=[1])
     with pytest.raises(ValueError, match="unknown impl 'fast'; known: naive, padded, sorted"):
         mb.moe_forward(x, r, w, impl="fast")
+    with pytest.raises(ValueError, match=r"unknown impl \['naive'\]"):
+        mb.moe_forward(x, r, w, impl=["naive"])
+    with pytest.raises(ValueError, match=r"unknown impl \['x'\]"):
+        mb.impl_options(["x"])
+    with pytest.raises(ValueError, match=r"unknown preset \['a'\]"):
+        mb.preset(["a"])
+    with pytest.raises(TypeError, match="stats must be a dict"):
+        mb.moe_forward(x, r, w, stats=[])
     with pytest.raises(TypeError, match=r"no option.*capacity_factor"):
         mb.moe_forward(x, r, w, impl="sorted", capacity_factor=2.0)
-    with pytest.raises(ValueError, match="capacity_factor must be > 0"):
-        mb.moe_forward(x, r, w, impl="padded", capacity_factor=0)
+    for factor in (0, math.inf, "1.0", True):
+        with pytest.raises(ValueError, match="capacity_factor must be a number > 0 or None"):
+            mb.moe_forward(x, r, w, impl="padded", capacity_factor=factor)
     assert mb.impl_options("padded") == {"capacity_factor": 1.25}
+
+
+@pytest.mark.parametrize("impl", sorted(mb.IMPLS))
+def test_out_may_not_alias_x(impl):
+    # With a shared expert every layer reads x after writing its routed output.
+    cfg = CFG.replace(num_shared_experts=1)
+    w = mb.ExpertWeights.random(cfg, dtype="fp32")
+    x = torch.randn(6, 16)
+    r = mb.make_routing(6, cfg, seed=0)
+    for alias in (x, x.view(3, 2, 16).view(6, 16)):
+        with pytest.raises(ValueError, match="out shares memory with x"):
+            mb.moe_forward(x, r, w, impl=impl, out=alias)
+
+
+def test_routing_cannot_be_changed_after_its_checks(case):
+    _, r, _ = case
+    with pytest.raises(AttributeError):
+        r.weights = r.weights[:, :1]
+
+
+def test_triton_refuses_bf16_under_the_interpreter(case, monkeypatch):
+    from moebench import fused
+
+    monkeypatch.setattr(fused, "_INTERPRET", True)
+    x, r, w = case
+    with pytest.raises(ValueError, match="wrong bfloat16 results under TRITON_INTERPRET=1"):
+        mb.moe_forward(x.bfloat16(), r, w.to(dtype="bf16"), impl="triton")
 
 
 def test_triton_refuses_float64(case):

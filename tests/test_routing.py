@@ -103,6 +103,13 @@ def test_route_is_differentiable_and_checks_its_input():
         mb.route(logits, top_k=2, scoring="relu")
     with pytest.raises(ValueError, match=r"\[T, E\]"):
         mb.route(logits[0], top_k=2)
+    for k in (2.0, True, "2"):
+        with pytest.raises(TypeError, match="top_k must be an int"):
+            mb.route(logits, top_k=k)
+    with pytest.raises(
+        ValueError, match=r"router bias must be a tensor \[E=6\], got <class 'list'>"
+    ):
+        mb.route(logits, top_k=2, bias_E=[0.0] * 6)
 
 
 def test_load_balancing_loss():
@@ -119,6 +126,26 @@ def test_load_balancing_loss():
     assert logits.grad.abs().sum() > 0
 
 
+LONG = torch.long
+
+
+@pytest.mark.parametrize(
+    ("logits", "ids", "message"),
+    [
+        (torch.randn(3, 4), torch.zeros(7, 2, dtype=LONG), r"ids must be a tensor \[T=3, K\]"),
+        (torch.randn(3, 4), torch.full((3, 2), 4), r"ids must be in \[0, 4\), got ids in \[4, 4\]"),
+        (torch.randn(3, 4), torch.full((3, 2), -1), r"expert ids must be in \[0, 4\)"),
+        (torch.randn(3, 4), torch.zeros(3, 2), "ids must be an integer tensor"),
+        (torch.randn(4), torch.zeros(4, 2, dtype=LONG), r"logits must be a tensor \[T, E\]"),
+        (torch.randn(0, 4), torch.zeros(0, 2, dtype=LONG), "at least one token"),
+    ],
+    ids=["tokens", "id-too-large", "id-negative", "float-ids", "1-d-logits", "no-tokens"],
+)
+def test_load_balancing_loss_names_bad_input(logits, ids, message):
+    with pytest.raises(ValueError, match=message):
+        mb.load_balancing_loss(logits, ids)
+
+
 def test_routing_checks_shapes_and_dtypes():
     with pytest.raises(ValueError, match=r"\[T, K\]"):
         mb.Routing(torch.zeros(4, dtype=torch.long), torch.zeros(4))
@@ -130,3 +157,22 @@ def test_routing_checks_shapes_and_dtypes():
         mb.Routing(torch.zeros(4, 2, dtype=torch.long), torch.zeros(4, 2, dtype=torch.long))
     with pytest.raises(ValueError, match=r"expert ids must be in \[0, 4\)"):
         mb.load_stats(mb.Routing(torch.full((2, 1), 4), torch.ones(2, 1)), 4)
+    with pytest.raises(ValueError, match=r"an empty routing \(T=0\) has no expert load"):
+        mb.load_stats(mb.Routing(torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2)), 4)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"num_tokens": True}, ValueError, "num_tokens must be a positive int, got True"),
+        ({"seed": 1.5}, ValueError, r"seed must be an int in \[0, 2\*\*63\), got 1.5"),
+        ({"seed": 2**70}, ValueError, "seed must be an int"),
+        ({"skew": None}, ValueError, "skew must be a string such as 'zipf:1.2', got None"),
+        ({"cfg": "mixtral-8x7b"}, TypeError, "cfg must be a moebench.MoEConfig, got str"),
+    ],
+    ids=["bool-tokens", "float-seed", "huge-seed", "no-skew", "preset-name"],
+)
+def test_make_routing_names_bad_arguments(kwargs, error, message):
+    args = {"num_tokens": 4, "cfg": mb.MoEConfig(8, 8, 4, 2), **kwargs}
+    with pytest.raises(error, match=message):
+        mb.make_routing(**args)
