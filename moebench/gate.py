@@ -7,8 +7,9 @@ and environment, point by point, and prints one table of every point, regression
     python -m moebench.gate regress [--baseline REV|RUN]  # measure both sides, then gate
     python -m moebench.gate worker               # measures points on request (for regress)
 
-Exit codes: 0 pass, 1 a regression (slower or wrong), 2 the runs cannot be compared
-(another machine or environment, a point missing on one side, a baseline that cannot be
+Exit codes: 0 pass, 1 a regression (failed, wrong or slower), 2 the runs cannot be compared
+(a file that is not a run, another machine or environment, a point missing on one side, a
+candidate not checked against float64 where the baseline was, a baseline that cannot be
 measured). asv's `compare` cannot serve as a gate: it always exits 0 and assumes lower is
 better for every value.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -47,8 +49,8 @@ TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "float16": 5e-3, "bfloat16": 2e-
 _DTYPE_NAMES = {"fp64": "float64", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 # Verdicts, in the order the table lists them: failures first, in capitals.
-VERDICTS = ("WRONG", "SLOWER", "missing", "faster", "same", "skipped")
-FAILING = ("WRONG", "SLOWER")
+VERDICTS = ("FAILED", "WRONG", "SLOWER", "missing", "faster", "same", "skipped")
+FAILING = ("FAILED", "WRONG", "SLOWER")
 
 EXIT_PASS, EXIT_REGRESSION, EXIT_INCOMPARABLE = 0, 1, 2
 _NORMAL_P20_P80 = 1.6832  # p80 - p20 of the standard normal distribution
@@ -59,15 +61,28 @@ class Incomparable(ValueError):
 
 
 def load(path: str | Path) -> tuple[dict, pd.DataFrame]:
-    """A run file as (env, records), or a directory of runs of one code merged by `best_of`."""
+    """A run file as (env, records), or a directory of runs of one code merged by `best_of`;
+    Incomparable, naming the file, where it is not a run the gate can judge."""
+    from .sweep import BadRun, read_run
+
     path = Path(path)
     if path.is_dir():
         files = sorted(path.glob("*.json"))
         if not files:
-            raise FileNotFoundError(f"{path}: no run files (*.json) in this directory")
+            raise Incomparable(f"{path}: no run files (*.json) in this directory")
         return best_of([load(f) for f in files])
-    run = json.loads(path.read_text())
-    return run["env"], pd.DataFrame(run["records"])
+    try:
+        run = read_run(path)
+    except BadRun as e:
+        raise Incomparable(str(e)) from e
+    df = pd.DataFrame(run["records"])
+    # Every dtype needs a tolerance to judge its error: refuse here, where the file is known.
+    for dtype in set(df.get("dtype", ())):
+        try:
+            tolerance(dtype)
+        except ValueError as e:
+            raise Incomparable(f"{path}: {e}") from e
+    return run["env"], df
 
 
 def best_of(runs: list[tuple[dict, pd.DataFrame]]) -> tuple[dict, pd.DataFrame]:
@@ -77,19 +92,21 @@ def best_of(runs: list[tuple[dict, pd.DataFrame]]) -> tuple[dict, pd.DataFrame]:
     On a shared machine, interference only ever adds time, so the fastest of a few runs
     spread over time is the steadiest estimate of what the code costs, and the spread is
     the noise between runs that a single run's cv cannot see. rel_err keeps its worst
-    value so that merging never hides an error.
+    value and a round in which the layer failed stands for the point, so that merging never
+    hides an error: the sweep sees NaN/inf in checked rounds only (regress checks its first).
     """
     env = runs[0][0]
     for other, _ in runs[1:]:
         if diffs := env_differences(env, other, ("first run", "another")):
             raise Incomparable("the runs to merge differ in " + "; ".join(diffs))
     df = pd.concat([d for _, d in runs], ignore_index=True)
+    failed = _failed(df["reason"]) if "reason" in df else False
     by_point = df.groupby(KEY, dropna=False)
     time = by_point["time_ms"]
     df = df.assign(
         rel_err=by_point["rel_err"].transform("max"),
         spread=time.transform("max") / time.transform("min") - 1,
-        _order=df["time_ms"].fillna(np.inf),
+        _order=np.where(failed, -np.inf, df["time_ms"].fillna(np.inf)),
     )
     best = df.sort_values("_order", kind="stable").drop_duplicates(KEY)
     return env, best.drop(columns="_order").reset_index(drop=True)
@@ -110,6 +127,11 @@ def tolerance(dtype: str) -> float:
     if name not in TOLERANCE:
         raise ValueError(f"no correctness tolerance for dtype {dtype!r}; known: {list(TOLERANCE)}")
     return TOLERANCE[name]
+
+
+def _failed(reason: pd.Series) -> pd.Series:
+    """Where the layer raised or returned NaN/inf: the sweep's reason "failed: ..."."""
+    return reason.str.startswith("failed:", na=False)
 
 
 def _name(row) -> str:
@@ -150,8 +172,10 @@ def compare(
     noise_mult x the larger cv (from p20/p80, robust to preempted repeats) or, for merged
     rounds, the larger spread between rounds; it is faster when base/cand - 1 > limit.
     It is WRONG when the candidate's rel_err exceeds its dtype's tolerance, or, where the
-    baseline already exceeded it, twice the baseline's.
-    A point ok on one side only is refused unless `allow_missing` (verdict "missing").
+    baseline already exceeded it, twice the baseline's. It is FAILED when it ran in the
+    baseline and the candidate's layer raised or returned NaN/inf (reason "failed: ...").
+    Any other point ok on one side only is refused unless `allow_missing` (verdict
+    "missing"), and so is a candidate without the rel_err that the baseline has.
     """
     if diffs := env_differences(base[0], cand[0]):
         raise Incomparable("the runs come from different environments:\n  " + "\n  ".join(diffs))
@@ -159,7 +183,9 @@ def compare(
         _points(cand[1], "candidate"), on=KEY, how="outer", suffixes=("_base", "_cand")
     )
     ok_base, ok_cand = df["status_base"].eq("ok"), df["status_cand"].eq("ok")
-    one_sided = ok_base != ok_cand
+    # A layer that broke is the worst regression, not a point that could not run.
+    failed = ok_base & ~ok_cand & _failed(df["reason_cand"])
+    one_sided = (ok_base != ok_cand) & ~failed
     if one_sided.any() and not allow_missing:
         lines = [
             f"{_name(row)}: ok only in the {'baseline' if row.status_base == 'ok' else 'candidate'}"
@@ -168,6 +194,15 @@ def compare(
         raise Incomparable(
             f"{len(lines)} point(s) ran on one side only (pass --allow-missing to gate the "
             "rest):\n  " + "\n  ".join(lines)
+        )
+    both = ok_base & ok_cand
+    # Without the candidate's error, a WRONG point would pass as "same".
+    unchecked = both & df["rel_err_base"].notna() & df["rel_err_cand"].isna()
+    if unchecked.any():
+        raise Incomparable(
+            f"{unchecked.sum()} point(s) checked against float64 in the baseline only, e.g. "
+            f"{_name(next(df[unchecked].itertuples()))}: measure both with the same "
+            "--check/--no-check setting"
         )
 
     ratio = df["time_ms_cand"] / df["time_ms_base"]
@@ -182,16 +217,16 @@ def compare(
     limit = noise.clip(lower=threshold)
     tol = df["dtype"].map(tolerance)
     err_limit = tol.where(~(df["rel_err_base"] > tol), 2 * df["rel_err_base"])
-    both = ok_base & ok_cand
     verdict = np.select(
         [
+            failed,
             both & (df["rel_err_cand"] > err_limit),
             both & (ratio - 1 > limit),
             one_sided,
             both & (1 / ratio - 1 > limit),
             both,
         ],
-        ["WRONG", "SLOWER", "missing", "faster", "same"],
+        ["FAILED", "WRONG", "SLOWER", "missing", "faster", "same"],
         default="skipped",
     )
     out = df[KEY].assign(
@@ -373,14 +408,18 @@ def _git(*args, cwd=None) -> str:
 def _committed_run(root: Path, profile: str) -> Path | None:
     """The newest committed run of this machine and gate profile under results/."""
     from .harness import machine_name
+    from .sweep import BadRun, read_run
 
     runs = []
     for name in _git("ls-files", "results", cwd=root).splitlines():
-        if name.endswith(".json"):
-            run = json.loads((root / name).read_text())
-            env = run.get("env", {}) if isinstance(run, dict) else {}
-            if env.get("machine") == machine_name() and env.get("profile") == profile:
-                runs.append((env.get("date") or "", root / name))
+        if not name.endswith(".json"):
+            continue
+        try:
+            env = read_run(root / name)["env"]
+        except BadRun:  # asv's and pytest-benchmark's files live there too
+            continue
+        if env.get("machine") == machine_name() and env.get("profile") == profile:
+            runs.append((env.get("date") or "", root / name))
     return max(runs)[1] if runs else None
 
 
@@ -482,11 +521,34 @@ def _cuda_available() -> bool:
 # --- command line ------------------------------------------------------------------------
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    if not (text.isdigit() and int(text) >= 1):
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _non_negative(text: str) -> float:
+    """An argparse type: a finite number >= 0 (float alone would take "nan" and "-1")."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
 def _rule_args(p: argparse.ArgumentParser, threshold_default) -> None:
     p.add_argument(
-        "--threshold", type=float, default=threshold_default, help="least slowdown that fails"
+        "--threshold",
+        type=_non_negative,
+        default=threshold_default,
+        help="least slowdown that fails",
     )
-    p.add_argument("--noise-mult", type=float, default=3.0, help="limit >= this x the larger cv")
+    p.add_argument(
+        "--noise-mult", type=_non_negative, default=3.0, help="limit >= this x the larger cv"
+    )
     p.add_argument("--allow-missing", action="store_true", help="gate the points ok on both sides")
 
 
@@ -507,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
             "--baseline",
             help="git revision, or run file or directory (default: merge base with main)",
         )
-        p.add_argument("--rounds", type=int, default=None, help="runs per side, alternated")
+        p.add_argument("--rounds", type=_positive_int, help="runs per side, alternated")
         p.add_argument("--profile", help='"gate" (CPU, default without CUDA) or "gpu"')
         p.add_argument("--families", help="comma-separated families (default: the profile's)")
         p.add_argument("--output", help="keep the runs in this directory")

@@ -116,6 +116,42 @@ def test_commit_and_date_may_differ():
     assert set(gate.compare(fake_run(0), cand)["verdict"]) == {"same"}
 
 
+def unknown_dtype_run():
+    env, df = fake_run(1)
+    df.loc[5, "dtype"] = "int8"
+    return json.dumps({"env": env, "records": df.to_dict("records")})
+
+
+# A candidate file that is not a run the gate can judge, and what the message says about it.
+BAD_FILES = {
+    "missing": (None, "No such file"),
+    "empty": ("", "not JSON"),
+    "truncated": ('{"env": {"machine": "ci-box"}, "records": [{"family": "scale-', "not JSON"),
+    "no env": ('{"records": []}', "not a moebench run"),
+    "a list": ("[1, 2]", "not a moebench run"),
+    "unknown dtype": (unknown_dtype_run(), "no correctness tolerance for dtype 'int8'"),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_FILES)
+def test_file_that_is_not_a_run_is_incomparable_in_one_line(tmp_path, capsys, bad):
+    text, problem = BAD_FILES[bad]
+    path = tmp_path / "c.json"
+    if text is not None:
+        path.write_text(text)
+    assert gate.main([write(tmp_path / "b.json", fake_run(0)), str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gate: INCOMPARABLE: {path}: ") and err.count("\n") == 1
+    assert problem in err
+
+
+def test_empty_directory_of_rounds_is_incomparable(tmp_path, capsys):
+    (tmp_path / "rounds").mkdir()
+    cand = write(tmp_path / "c.json", fake_run(1))
+    assert gate.main([str(tmp_path / "rounds"), cand]) == gate.EXIT_INCOMPARABLE
+    assert f"{tmp_path / 'rounds'}: no run files" in capsys.readouterr().err
+
+
 def test_point_missing_on_one_side_is_refused_unless_allowed():
     base, (env, df) = fake_run(0), fake_run(1)
     cand = (env, df.drop(index=3))
@@ -140,6 +176,33 @@ def test_point_skipped_on_one_side_is_refused_and_on_both_is_skipped():
     assert table["reason"].iloc[-1] == "out of memory: 80.0 GiB"
     assert table["reason"].iloc[:-1].isna().all()
     assert "out of memory: 80.0 GiB" in gate.format_table(table)
+
+
+def test_point_that_fails_in_the_candidate_is_a_regression(tmp_path, capsys):
+    base, (env, df) = fake_run(0), fake_run(1)
+    df.loc[0, ["status", "time_ms", "rel_err"]] = ["skipped", None, None]
+    df.loc[0, "reason"] = "failed: WrongOutput: the output holds NaN or inf"
+    table = gate.compare(base, (env, df))
+    assert list(table["verdict"]).count("FAILED") == 1 and table["verdict"].iloc[0] == "FAILED"
+    assert table["reason"].iloc[0] == "failed: WrongOutput: the output holds NaN or inf"
+    code = gate.main([write(tmp_path / "b.json", base), write(tmp_path / "c.json", (env, df))])
+    out = capsys.readouterr().out
+    assert code == gate.EXIT_REGRESSION
+    assert "FAILED naive scale-out E=8 balanced float32" in out.partition("gate: FAIL")[2]
+    # Out of memory is no verdict on the code: the point is still refused.
+    df.loc[0, "reason"] = "out of memory: 80.0 GiB"
+    with pytest.raises(gate.Incomparable, match="ok only in the baseline"):
+        gate.compare(base, (env, df))
+
+
+def test_candidate_unchecked_where_the_baseline_was_checked_is_refused():
+    (benv, bdf), (cenv, cdf) = fake_run(0), fake_run(1)
+    cdf["rel_err"] = None
+    with pytest.raises(gate.Incomparable, match=r"16 point\(s\) .* baseline only, e\.g\. naive"):
+        gate.compare((benv, bdf), (cenv, cdf))
+    # Neither side checked: the times are still gated.
+    bdf["rel_err"] = None
+    assert set(gate.compare((benv, bdf), (cenv, cdf))["verdict"]) == {"same"}
 
 
 def test_correctness_drift_is_caught(capsys, tmp_path):
@@ -172,6 +235,46 @@ def test_best_of_takes_the_fastest_run_and_the_worst_error(tmp_path):
     write(tmp_path / "r1.json", quiet)
     write(tmp_path / "r2.json", (env, busy))
     assert len(gate.load(tmp_path)[1]) == len(quiet[1])
+
+
+def test_a_round_that_failed_stands_for_the_point():
+    # The sweep finds NaN/inf only in checked rounds: regress checks its first round only.
+    (env, failing), later = fake_run(1), fake_run(2)
+    failing.loc[0, ["status", "time_ms", "rel_err"]] = ["skipped", None, None]
+    failing.loc[0, "reason"] = "failed: WrongOutput: the output holds NaN or inf"
+    later[1]["rel_err"] = None
+    cand = gate.best_of([(env, failing), later])
+    assert cand[1].loc[0, "status"] == "skipped"
+    assert verdicts(gate.compare(fake_run(0), cand), "naive") == {"FAILED", "same"}
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["regress", "--rounds", "0"],
+        ["regress", "--rounds", "-1"],
+        ["regress", "--rounds", "1.5"],
+        ["regress", "--threshold", "nan"],
+        ["b.json", "c.json", "--threshold", "nan"],
+        ["b.json", "c.json", "--threshold", "-0.1"],
+        ["b.json", "c.json", "--threshold", "inf"],
+        ["b.json", "c.json", "--noise-mult", "nan"],
+        ["b.json", "c.json", "--noise-mult", "x"],
+    ],
+    ids=" ".join,
+)
+def test_bad_rule_arguments_are_argparse_errors(monkeypatch, capsys, argv):
+    monkeypatch.setattr(gate, "regress", lambda args: pytest.fail(f"ran with {args}"))
+    monkeypatch.setattr(gate, "gate", lambda *a, **rule: pytest.fail(f"ran with {rule}"))
+    with pytest.raises(SystemExit) as exit_:
+        gate.main(argv)
+    assert exit_.value.code == 2
+    assert f"error: argument {argv[-2]}: " in capsys.readouterr().err
+
+
+def test_good_rule_arguments_are_taken(monkeypatch):
+    monkeypatch.setattr(gate, "regress", lambda args: (args.rounds, args.threshold))
+    assert gate.main(["regress", "--rounds", "2", "--threshold", "0"]) == (2, 0.0)
 
 
 # --- end to end: real sweeps through moebench.sweep ---------------------------------------
@@ -236,6 +339,19 @@ def test_correctness_drift_in_a_real_sweep_is_caught(cpu_env):
     assert "WRONG" not in verdicts(table, "naive") | verdicts(table, "padded")
 
 
+def naive_raising(x_TD, routing, weights, impl, **options):
+    """The layer with the naive implementation broken."""
+    if impl == "naive":
+        raise RuntimeError("planted failure")
+    return moe_forward(x_TD, routing, weights, impl=impl, **options)
+
+
+def test_failing_layer_in_a_real_sweep_is_a_regression(cpu_env):
+    table = gate.compare(*sides(cpu_env, cand_forward=naive_raising, rounds=1))
+    assert verdicts(table, "naive") == {"FAILED"}, gate.format_table(table)
+    assert table["reason"].iloc[0] == "failed: RuntimeError: planted failure"
+
+
 # --- regress: choosing and measuring the baseline ----------------------------------------
 
 
@@ -277,6 +393,18 @@ def test_on_clean_main_the_baseline_is_the_committed_run_else_the_parent(repo):
     git(repo, "commit", "-q", "-m", "results")
     assert gate.resolve_baseline(None, repo, "gate") == run
     assert gate.resolve_baseline(None, repo, "gpu") == git(repo, "rev-parse", "HEAD~1")
+
+
+def test_committed_files_that_are_not_runs_are_passed_over(repo):
+    env = {**ENV, "machine": harness.machine_name(), "profile": "gate"}
+    run = repo / "results" / "gate-box" / "run.json"
+    run.parent.mkdir(parents=True)
+    write(run, fake_run(0, env=env))
+    (run.parent / "run-truncated.json").write_text(run.read_text()[:200])
+    (repo / "results" / "benchmarks.json").write_text('{"version": 2}')
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "results")
+    assert gate.resolve_baseline(None, repo, "gate") == run
 
 
 def test_unmeasurable_baseline_is_refused(repo, monkeypatch, capsys):
