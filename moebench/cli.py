@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -62,6 +64,21 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _count(least: int):
+    """An argparse type: an integer of at least `least`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
+        return value
+
+    return parse
+
+
 def parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="moebench",
@@ -83,9 +100,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--skews", type=_list, default=["balanced"], help="comma-separated (balanced)")
     p.add_argument("--device", default=None, help="cuda where available, else cpu")
     p.add_argument("--dtype", default=None, help="bf16 on cuda, fp32 on cpu")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls (profile default)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls first")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (cpu: 1)")
+    p.add_argument("--repeats", type=_count(1), help="timed calls (profile default)")
+    p.add_argument("--warmup", type=_count(0), help="untimed calls first")
+    p.add_argument("--threads", type=_count(1), help="torch CPU threads (cpu: 1)")
     p.add_argument("--check", action="store_true", help="also compare with the fp64 oracle")
     p.add_argument("--flush-l2", action="store_true", help="cold L2 before each call (cuda)")
     p.add_argument("--cuda-graph", action="store_true", help="time CUDA graph replays")
@@ -125,6 +142,8 @@ def _config(args, p) -> MoEConfig:
 
 def _profile(args, p) -> grid.Profile:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type not in ("cpu", "cuda"):
+        p.error(f"--device {device}: moebench measures on cpu or cuda")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {device}: CUDA is not available here")
     base = grid.PROFILES["gpu" if torch.device(device).type == "cuda" else "cpu"]
@@ -147,6 +166,15 @@ def _validate(args, p, cfg: MoEConfig, profile: grid.Profile) -> None:
         p.error("--flush-l2 and --cuda-graph need a CUDA device")
     if args.kernels < 0:
         p.error(f"--kernels must be >= 0, got {args.kernels}")
+    if args.json and (Path(args.json).is_dir() or not _writable_folder(Path(args.json).parent)):
+        p.error(f"--json {args.json}: cannot write a file there")
+
+
+def _writable_folder(folder: Path) -> bool:
+    """Whether a file can be made in `folder`, or in the folders write_run would create."""
+    while not folder.exists():
+        folder = folder.parent
+    return folder.is_dir() and os.access(folder, os.W_OK)
 
 
 def format_table(records: list[dict]) -> str:

@@ -69,10 +69,16 @@ def test_kernels_lists_where_a_call_goes(capsys):
         (["--d-model", "32", "--d-ff", "16", "--experts", "4", "--top-k", "8"], "top_k=8"),
         (["--frobnicate"], "unrecognized arguments: --frobnicate"),
         ([*SHAPE, "--kernels", "-1"], "--kernels must be >= 0, got -1"),
+        ([*SHAPE, "--threads", "0"], "argument --threads: must be >= 1, got 0"),
+        ([*SHAPE, "--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
+        ([*SHAPE, "--warmup", "-5"], "argument --warmup: must be >= 0, got -5"),
+        ([*SHAPE, "--repeats", "many"], "argument --repeats: expected an integer, got 'many'"),
+        ([*SHAPE, "--device", "meta"], "--device meta: moebench measures on cpu or cuda"),
+        ([*SHAPE, "--json", "."], "--json .: cannot write a file there"),
     ],
     ids=[
         *("preset", "skew", "skew-arg", "impl", "dtype", "tokens", "shape", "both", "k>e"),
-        *("flag", "kernels"),
+        *("flag", "kernels", "threads", "repeats", "warmup", "repeats-word", "device", "json"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
