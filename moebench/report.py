@@ -3,11 +3,11 @@
     python -m moebench.report [RUN.json ...]
 
 With no argument it reports the newest run in each results/<profile>-<machine>/ folder.
-Beside each run it writes summary.csv (every record, the units in the column names; what
-the layer reported of its call, e.g. the triton layer's tuned configs, as JSON),
-summary.md (the machine, then per family: balanced-routing throughput, load-imbalance
-overhead per skew, padded's dropped fraction, what was skipped and why) and plots/:
-throughput-<family>.png, peak-memory.png, imbalance-<family>.png.
+Beside each run (one per folder) it writes summary.csv (every record, the units in the
+column names; what the layer reported of its call, e.g. the triton layer's tuned configs,
+as JSON), summary.md (the machine, then per family: balanced-routing throughput,
+load-imbalance overhead per skew, padded's dropped fraction, what was skipped and why) and
+plots/: throughput-<family>.png, peak-memory.png, imbalance-<family>.png.
 """
 
 from __future__ import annotations
@@ -157,8 +157,9 @@ def markdown(env: dict, frame: pd.DataFrame) -> str:
     out = [f"# moebench: {profile} profile on {env.get('machine')}", "", *_env_lines(env), ""]
     out.append(
         "Times are medians in ms; tokens/s = T / time; TFLOP/s count useful FLOPs only "
-        "(6*S*D*F + 6*T*D*Fs); roofline = the least time this device can take (measured "
-        "ceilings) / the time; peak MiB = memory allocated above inputs and weights; "
+        "(6*S*D*F + 6*T*D*Fs, less 6*D*F per pair padded dropped); roofline = the least "
+        "time this device can take (measured ceilings) / the time; peak MiB = memory "
+        "allocated above inputs and weights; "
         "imbalance = time / time under balanced routing; dropped = pairs dropped / S. "
         "On a GPU, host ms = host time to issue one call (near the time: the layer waits on "
         "its launches) and replay ms = the same call as a CUDA graph replay (the kernels "
@@ -262,7 +263,7 @@ def _figure(rows: int, cols: int):
 def _save(fig, path, title: str) -> None:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    sweep.write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -342,8 +343,9 @@ def write_report(run_path) -> list[Path]:
     plots = out_dir / "plots"
     plots.mkdir(exist_ok=True)
     written = [out_dir / "summary.csv", out_dir / "summary.md"]
-    summary(frame).to_csv(written[0], index=False)
-    written[1].write_text(markdown(env, frame) + "\n" + targets.markdown(env, frame))
+    sweep.write_atomic(written[0], lambda f: summary(frame).to_csv(f, index=False))
+    text = markdown(env, frame) + "\n" + targets.markdown(env, frame)
+    sweep.write_atomic(written[1], lambda f: f.write(text.encode()))
     ok = frame[frame["status"] == "ok"]
     for family in dict.fromkeys(ok["family"]):
         path = plots / f"throughput-{family}.png"
@@ -365,6 +367,11 @@ def latest_runs(results_dir="results") -> list[Path]:
     return [sorted(f.glob("run-*.json"))[-1] for f in folders if any(f.glob("run-*.json"))]
 
 
+def _fail(message: str) -> int:
+    print(f"report: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m moebench.report", description="Tables and plots of benchmark runs."
@@ -372,13 +379,27 @@ def main(argv=None) -> int:
     parser.add_argument("runs", nargs="*", help="run files (default: newest in each folder)")
     parser.add_argument("--results-dir", default="results")
     args = parser.parse_args(argv)
-    runs = args.runs or latest_runs(args.results_dir)
+    if not args.runs and not Path(args.results_dir).is_dir():
+        return _fail(f"{args.results_dir}: no such folder")
+    runs = [Path(run) for run in args.runs] or latest_runs(args.results_dir)
     if not runs:
         print(f"no run files under {args.results_dir}/; run `nox -s bench`", file=sys.stderr)
         return 1
+    folders: dict[Path, Path] = {}
     for run in runs:
-        for path in write_report(run):
-            print(path)
+        # A folder holds one summary: the second run's would overwrite the first's.
+        first = folders.setdefault(run.resolve().parent, run)
+        if first.resolve() != run.resolve():
+            return _fail(
+                f"{first.name} and {run.name} are both in {run.parent}/, which holds one "
+                "summary: report one of them"
+            )
+    try:
+        for run in runs:
+            for path in write_report(run):
+                print(path)
+    except sweep.BadRun as e:
+        return _fail(str(e))
     return 0
 
 

@@ -91,13 +91,14 @@ def _inputs(point: grid.Point, device: torch.device, dtype: torch.dtype):
         weights = ExpertWeights.random(cfg, dtype=dtype, device=device, seed=SEED)
         gen = torch.Generator(device=device).manual_seed(SEED + 1)
         x_TD = torch.randn(point.T, cfg.d_model, generator=gen, device=device, dtype=dtype)
-    except torch.OutOfMemoryError as e:
+    except RuntimeError as e:  # torch.OutOfMemoryError, or the CPU allocator's failure
         _release(device)
-        return None, f"out of memory: {_first_line(e)}"
-    except RuntimeError as e:  # the CPU allocator's failures are RuntimeErrors
-        _release(device)
-        return None, f"failed: RuntimeError: {_first_line(e)}"
+        return None, _failure(e)
     return (weights, x_TD), None
+
+
+class WrongOutput(RuntimeError):
+    """The layer returned what no correct layer returns: the point failed."""
 
 
 def _first_line(e: BaseException) -> str:
@@ -105,30 +106,100 @@ def _first_line(e: BaseException) -> str:
     return (text[0] if text else type(e).__name__)[:300]
 
 
-def _rel_err(y_TD, x_TD, routing, weights, stats, budget_bytes) -> float | None:
-    """||y - ref|| / ||ref|| against the float64 oracle on the first tokens whose experts'
-    float64 weights fit in `budget_bytes` (None if not even one token's do). Pairs the
-    padded layer dropped are dropped from the reference too: its drops are reported as
-    dropped_fraction, this is its arithmetic."""
+def _check_tokens(routing, weights, budget_bytes):
+    """(n, experts): the first n <= 256 tokens whose experts' float64 weights fit in
+    `budget_bytes`, and those experts' ids (sorted); None if not even one token's do."""
     D, F, Fs = weights.d_model, weights.d_ff, weights.d_ff_shared
     n = min(routing.num_tokens, 256)
     while True:
         experts = routing.ids[:n].unique()
         if (experts.numel() * 3 * D * F + 3 * D * Fs) * 8 <= budget_bytes:
-            break
+            return n, experts
         if n == 1:
             return None
         n //= 2
-    shared = {}
-    if weights.shared_gate_up is not None:
-        shared = {"shared_gate_up": weights.shared_gate_up, "shared_down": weights.shared_down}
-    subset = ExpertWeights(gate_up=weights.gate_up[experts], down=weights.down[experts], **shared)
+
+
+def _oracle_inputs(x_nD, routing, weights, experts, stats):
+    """The float64 oracle's leaves for the first n tokens: x, their routing over the
+    experts they use (renumbered in `experts` order, pairs the padded layer dropped
+    weighted by zero) and those experts' weights (and the shared expert's)."""
+    n = x_nD.shape[0]
+    leaf = lambda t: None if t is None else t.detach().double().requires_grad_()
     weights_nK = routing.weights[:n]
     if "dropped_mask" in stats:
         weights_nK = weights_nK.masked_fill(stats["dropped_mask"][:n], 0)
-    local = Routing(torch.searchsorted(experts, routing.ids[:n]), weights_nK)
-    ref_nD = reference(x_TD[:n], local, subset)
-    return ((y_TD[:n].double() - ref_nD).norm() / ref_nD.norm()).item()
+    local = Routing(torch.searchsorted(experts, routing.ids[:n]), leaf(weights_nK))
+    subset = ExpertWeights(
+        gate_up=leaf(weights.gate_up[experts]),
+        down=leaf(weights.down[experts]),
+        shared_gate_up=leaf(weights.shared_gate_up),
+        shared_down=leaf(weights.shared_down),
+    )
+    return leaf(x_nD), local, subset
+
+
+def _rel(got, want) -> float:
+    return ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def _rel_err(y_TD, x_TD, routing, weights, stats, budget_bytes) -> float | None:
+    """||y - ref|| / ||ref|| against the float64 oracle on the first tokens whose experts'
+    float64 weights fit in `budget_bytes` (None if not even one token's do). Pairs the
+    padded layer dropped are dropped from the reference too: its drops are reported as
+    dropped_fraction, this is its arithmetic."""
+    if (chosen := _check_tokens(routing, weights, budget_bytes)) is None:
+        return None
+    n, experts = chosen
+    with torch.no_grad():
+        ref_nD = reference(*_oracle_inputs(x_TD[:n], routing, weights, experts, stats))
+    return _rel(y_TD[:n], ref_nD)
+
+
+def _train_rel_err(forward, impl, x_TD, routing, weights, budget_bytes) -> float | None:
+    """The training step's error: the layer's forward and backward on the first tokens that
+    _check_tokens picks (the layer sees those tokens alone) against float64 autograd through
+    the oracle; the worst ||got - want|| / ||want|| over the output and the gradients of x,
+    the routing weights (pairs the padded layer kept), the experts used and the shared
+    expert. Raises WrongOutput where any of them holds NaN or inf."""
+    if (chosen := _check_tokens(routing, weights, budget_bytes)) is None:
+        return None
+    n, experts = chosen
+    leaf = lambda t: t.detach().requires_grad_()
+    x_nD = leaf(x_TD[:n])
+    test = Routing(routing.ids[:n], leaf(routing.weights[:n]))
+    tensors = {name: leaf(t) for name, t in weights.tensors().items()}
+    gen = torch.Generator(device=x_TD.device).manual_seed(SEED + 2)
+    dy_nD = torch.randn(x_nD.shape, generator=gen, device=x_TD.device, dtype=x_TD.dtype)
+    stats = {}
+    y_nD = forward(x_nD, test, ExpertWeights(**tensors), impl=impl, stats=stats)
+    y_nD.backward(dy_nD)
+    x64, local, subset = _oracle_inputs(x_nD, test, weights, experts, stats)
+    y64 = moe_forward(x64, local, subset, impl="naive")
+    y64.backward(dy_nD.double())
+    kept = ~stats["dropped_mask"] if "dropped_mask" in stats else slice(None)
+    pairs = {
+        "output": (y_nD.detach(), y64.detach()),
+        "dx": (x_nD.grad, x64.grad),
+        "routing weights' gradient": (test.weights.grad[kept], local.weights.grad[kept]),
+    }
+    for name, t in subset.tensors().items():
+        got = tensors[name].grad
+        pairs[f"{name}'s gradient"] = (got[experts] if name in ("gate_up", "down") else got, t.grad)
+    for name, (got, _) in pairs.items():
+        if not torch.isfinite(got).all():
+            raise WrongOutput(f"the {name} holds NaN or inf")
+    return max(_rel(got, want) for got, want in pairs.values())
+
+
+def _failure(e: Exception) -> str:
+    """A skipped point's reason: out of memory (the GPU's, or a CPU allocation that failed),
+    unsupported (the layer refused the point), or failed (anything else)."""
+    if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e):
+        return f"out of memory: {_first_line(e)}"
+    if isinstance(e, (ValueError, NotImplementedError)):
+        return f"unsupported: {_first_line(e)}"
+    return f"failed: {type(e).__name__}: {_first_line(e)}"
 
 
 def _base_record(point: grid.Point, impl: str, skew: str, dtype: torch.dtype) -> dict:
@@ -186,6 +257,10 @@ def _measure(record, forward, impl, x_TD, routing, weights, ctx) -> None:
             with torch.no_grad():
                 forward(x_TD, routing, weights, impl=impl, stats=stats)
             _count_drops(record, stats["dropped"])
+        if ctx["check"]:
+            record["rel_err"] = _train_rel_err(
+                forward, impl, x_TD, routing, weights, ctx["profile"].check_bytes
+            )
         call, release = _train_step(forward, impl, x_TD, routing, weights)
         try:
             _time(record, call, ctx)
@@ -198,6 +273,8 @@ def _measure(record, forward, impl, x_TD, routing, weights, ctx) -> None:
         _count_drops(record, stats["dropped"])
     record["layer_stats"] = _layer_stats(stats)
     if ctx["check"]:
+        if not torch.isfinite(y_TD).all():
+            raise WrongOutput("the output holds NaN or inf")
         record["rel_err"] = _rel_err(
             y_TD, x_TD, routing, weights, stats, ctx["profile"].check_bytes
         )
@@ -395,11 +472,17 @@ def _sweep(points, impls, skews, forward, progress, checkpoint, ctx) -> list[dic
     for point in points:
         inputs, reason = _inputs(point, device, dtype)
         for skew in skews:
-            routing = make_routing(point.T, point.cfg, skew=skew, seed=SEED, device=device)
-            load = load_stats(routing, point.cfg.num_experts)
-            touched = point.cfg.num_experts - load.empty_experts
+            try:
+                routing = make_routing(point.T, point.cfg, skew=skew, seed=SEED, device=device)
+                load = load_stats(routing, point.cfg.num_experts)
+            except Exception as e:  # the routing does not fit: its points are skipped
+                routing, routing_reason = None, _failure(e)
             for impl in impls:
                 record = _base_record(point, impl, skew, dtype)
+                if routing is None:
+                    done(_skip(record, routing_reason))
+                    continue
+                touched = point.cfg.num_experts - load.empty_experts
                 record.update(
                     max_over_mean=load.max_over_mean,
                     touched_experts=touched,
@@ -416,15 +499,12 @@ def _sweep(points, impls, skews, forward, progress, checkpoint, ctx) -> list[dic
                 weights, x_TD = inputs
                 try:
                     _measure(record, forward, impl, x_TD, routing, weights, ctx)
-                except torch.OutOfMemoryError as e:
-                    _skip(record, f"out of memory: {_first_line(e)}")
-                except (ValueError, NotImplementedError) as e:
-                    _skip(record, f"unsupported: {_first_line(e)}")
                 except Exception as e:  # one broken point must not end a sweep of hours
-                    _skip(record, f"failed: {type(e).__name__}: {_first_line(e)}")
+                    _skip(record, _failure(e))
                 if record["status"] != "ok":
                     _release(device)
                 done(record)
+            del routing
         del inputs
         _release(device)
         if checkpoint is not None:
@@ -446,21 +526,14 @@ def _jsonable(value):
     return value
 
 
-def write_run(path, env: dict, records: list[dict]) -> Path:
-    """Write a run file atomically: a temporary file in the same directory, then rename."""
+def write_atomic(path, write) -> Path:
+    """write(f), f a binary file, into a temporary file beside `path`, then rename it over
+    `path`: a reader never sees half a file, and a failure leaves the previous one whole."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    dump = lambda value: json.dumps(_jsonable(value), allow_nan=False)
-    # One record per line: compact, and a diff of two runs reads point by point.
-    text = (
-        f'{{"env": {dump(env)},\n"profile": {dump(env.get("profile"))},\n"records": [\n'
-        + ",\n".join(dump(r) for r in records)
-        + "\n]}\n"
-    )
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for everyone to read
@@ -471,9 +544,41 @@ def write_run(path, env: dict, records: list[dict]) -> Path:
     return path
 
 
+def write_run(path, env: dict, records: list[dict]) -> Path:
+    """Write a run file atomically (write_atomic), creating its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dump = lambda value: json.dumps(_jsonable(value), allow_nan=False)
+    # One record per line: compact, and a diff of two runs reads point by point.
+    text = (
+        f'{{"env": {dump(env)},\n"profile": {dump(env.get("profile"))},\n"records": [\n'
+        + ",\n".join(dump(r) for r in records)
+        + "\n]}\n"
+    )
+    return write_atomic(path, lambda f: f.write(text.encode()))
+
+
+class BadRun(ValueError):
+    """A file that is not a readable moebench run; the message names it and says why."""
+
+
 def read_run(path) -> dict:
-    with open(path) as f:
-        return json.load(f)
+    """A run file's content ({"env", "profile", "records"}); BadRun where it is missing,
+    truncated or not a run."""
+    try:
+        with open(path) as f:
+            run = json.load(f)
+    except OSError as e:
+        raise BadRun(f"{path}: cannot read the run: {e.strerror or e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRun(f"{path}: not JSON, a truncated or foreign file ({e})") from e
+    if not (
+        isinstance(run, dict)
+        and isinstance(run.get("env"), dict)
+        and isinstance(run.get("records"), list)
+    ):
+        raise BadRun(f"{path}: not a moebench run (no env and records)")
+    return run
 
 
 def load_run(path):
@@ -602,6 +707,8 @@ class Progress:
 def _csv(choices):
     def parse(text):
         values = [v for v in text.split(",") if v]
+        if not values:
+            raise argparse.ArgumentTypeError(f"an empty list; known: {', '.join(choices)}")
         bad = [v for v in values if v not in choices]
         if bad:
             raise argparse.ArgumentTypeError(f"unknown {bad}; known: {', '.join(choices)}")
@@ -625,6 +732,8 @@ def main(argv=None) -> int:
     parser.add_argument("--flush-l2", action="store_true", help="cold L2 before each call")
     parser.add_argument("--cuda-graph", action="store_true", help="time CUDA graph replays")
     args = parser.parse_args(argv)
+    if args.output and Path(args.output).is_dir():
+        parser.error(f"--output {args.output} is a folder; give the run file's path")
     path = run_profile(
         args.profile,
         output=args.output,

@@ -22,7 +22,7 @@ import sys
 import pandas as pd
 
 from .config import torch_dtype
-from .sweep import load_run
+from .sweep import BadRun, load_run
 
 SONIC_TFLOPS = 550.0
 ROOFLINE = 0.6
@@ -60,7 +60,7 @@ def _kernel_ms(rows: pd.DataFrame) -> pd.Series:
 
 def evaluate(env: dict, frame: pd.DataFrame) -> pd.DataFrame:
     """The four targets for the triton layer of one run: worst value, where, met or not
-    (None where the run has no triton point for it)."""
+    (None where the run cannot measure it: no triton point, no replays, no touched_experts)."""
     if "graph_ms" not in frame:  # a run from before the replays
         frame = frame.assign(graph_ms=None)
     ok = frame[frame["status"] == "ok"].reset_index(drop=True)
@@ -88,6 +88,7 @@ def evaluate(env: dict, frame: pd.DataFrame) -> pd.DataFrame:
     replayed = pd.to_numeric(tri["graph_ms"]).notna().any()
     grids = tri[tri["family"].isin(["scale-out", "iso-params"])]
     decode = tri[(tri["family"] == "models") & (tri["T"] <= DECODE_MAX_TOKENS)]
+    decode = decode[decode["touched_experts"].notna()]  # older runs lack it: not measured
     copy_bw = (env.get("ceilings") or {}).get("copy_bytes")
     for timing in ("eager", "kernels"):
         if timing == "kernels" and not replayed:  # a run without replays: not measured
@@ -138,7 +139,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moebench.targets", description=__doc__)
     parser.add_argument("run", help="a run file written by `nox -s bench`")
     args = parser.parse_args(argv)
-    env, frame = load_run(args.run)
+    try:
+        env, frame = load_run(args.run)
+    except BadRun as e:
+        print(f"targets: {e}", file=sys.stderr)
+        return 2
     print(markdown(env, frame))
     return 0
 

@@ -1,9 +1,13 @@
 """The report: CSV and markdown tables and PNG plots from a real tiny run."""
 
+import errno
 import json
+import shutil
 
 import pandas as pd
 import pytest
+from matplotlib import cbook
+from matplotlib.figure import Figure
 
 from moebench import report, sweep
 
@@ -116,3 +120,56 @@ def test_latest_run_per_folder(tmp_path):
         "gpu-b/run-9.json",
     ]
     assert report.main(["--results-dir", str(tmp_path / "asv")]) == 1
+
+
+@pytest.mark.parametrize("bad", ["missing", "truncated", "not a run"])
+def test_a_bad_run_file_is_one_line_and_exit_2(run_file, tmp_path, capsys, bad):
+    path = tmp_path / "run-1.json"
+    if bad == "truncated":
+        path.write_text(run_file.read_text()[:300])
+    elif bad == "not a run":
+        path.write_text('{"results": []}')
+    assert report.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"report: {path}: ") and err.count("\n") == 1
+    assert not (tmp_path / "summary.md").exists()
+
+
+def test_a_missing_results_dir_is_named(tmp_path, capsys):
+    assert report.main(["--results-dir", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err == f"report: {tmp_path / 'nowhere'}: no such folder\n"
+
+
+def test_two_runs_in_one_folder_are_refused(run_file, tmp_path, capsys):
+    """A folder holds one summary: the second run's would overwrite the first's."""
+    runs = [tmp_path / "run-A.json", tmp_path / "run-B.json"]
+    for run in runs:
+        shutil.copy(run_file, run)
+    assert report.main([str(run) for run in runs]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("report: run-A.json and run-B.json are both in ")
+    assert str(tmp_path) in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run-A.json", "run-B.json"]
+
+
+def _half_a_png(fig, fname, **kwargs):
+    with cbook.open_file_cm(fname, "wb") as f:
+        f.write(b"\x89PNG\r\n")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("failing", ["summary.md", "plot"])
+def test_a_failed_write_keeps_the_previous_files(run_file, monkeypatch, failing):
+    """Each file is written beside itself and renamed: a failure midway leaves the previous
+    report whole and no temporary file behind."""
+    report.write_report(run_file)
+    files = lambda: {p: p.read_bytes() for p in run_file.parent.rglob("*") if p.is_file()}
+    before = files()
+    if failing == "summary.md":
+        # UTF-8 has no spelling for a lone surrogate: the write fails once the file is open.
+        monkeypatch.setattr(report.targets, "markdown", lambda env, frame: "\ud800")
+    else:
+        monkeypatch.setattr(Figure, "savefig", _half_a_png)
+    with pytest.raises((UnicodeEncodeError, OSError)):
+        report.write_report(run_file)
+    assert files() == before

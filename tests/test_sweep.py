@@ -233,8 +233,15 @@ def test_a_planted_slowdown_shows_in_the_times():
         (ValueError("impl 'padded' does not support torch.float64"), "unsupported: impl 'padded'"),
         (NotImplementedError("no kernel for K=3"), "unsupported: no kernel for K=3"),
         (RuntimeError("CUDA error: misaligned address"), "failed: RuntimeError: CUDA error"),
+        (
+            RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
+                "memory: you tried to allocate 1600000000000 bytes"
+            ),
+            "out of memory: [enforce fail",
+        ),
     ],
-    ids=["oom", "value-error", "not-implemented", "other-error"],
+    ids=["oom", "value-error", "not-implemented", "other-error", "cpu-oom"],
 )
 def test_a_failing_point_is_skipped_with_its_reason_and_the_sweep_goes_on(error, reason):
     records = run_fake(fail={"padded": error})
@@ -246,6 +253,41 @@ def test_a_failing_point_is_skipped_with_its_reason_and_the_sweep_goes_on(error,
         else:
             assert r["status"] == "ok"
             assert r["time_ms"] > 0
+
+
+def test_a_layer_returning_nan_fails_its_point(monkeypatch):
+    def forward(x_TD, routing, weights, impl="sorted", **kw):
+        y = mb.moe_forward(x_TD, routing, weights, impl=impl, **kw)
+        return y.index_fill_(0, torch.tensor([0]), float("nan")) if impl == "naive" else y
+
+    records = by_key(
+        sweep.run_points(
+            [POINT], ["naive", "sorted"], ["balanced"], profile="tiny", forward=forward, check=True
+        )
+    )
+    assert records[("naive", "balanced")]["status"] == "skipped"
+    assert records[("naive", "balanced")]["reason"] == (
+        "failed: WrongOutput: the output holds NaN or inf"
+    )
+    assert records[("sorted", "balanced")]["status"] == "ok"
+
+
+def test_a_routing_that_does_not_fit_skips_its_points_and_the_sweep_goes_on(monkeypatch):
+    make = sweep.make_routing
+
+    def make_routing(T, cfg, *, skew, **kw):
+        if skew == "collapse":
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: 10 TB")
+        return make(T, cfg, skew=skew, **kw)
+
+    monkeypatch.setattr(sweep, "make_routing", make_routing)
+    records = run_fake()
+    for r in records:
+        if r["skew"] == "collapse":
+            assert r["status"] == "skipped"
+            assert r["reason"].startswith("out of memory: DefaultCPUAllocator")
+        else:
+            assert r["status"] == "ok"
 
 
 def test_padded_capacity_oom_from_the_real_layer_is_skipped(monkeypatch):
@@ -476,6 +518,31 @@ def test_asv_records_and_lookup(tmp_path, monkeypatch):
         sweep.asv_records(grid.get_profile("cpu"), tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--families", ""], "--families: an empty list; known: scale-out"),
+        (["--skews", ","], "--skews: an empty list; known: balanced"),
+        (["--output", "."], "--output . is a folder; give the run file's path"),
+    ],
+    ids=["no-families", "no-skews", "output-folder"],
+)
+def test_sweep_command_refuses_bad_arguments_before_measuring(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        sweep.main(["--profile", "tiny", *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_run_files_that_are_not_runs_are_named(tmp_path):
+    cases = {"missing.json": None, "cut.json": '{"env": {', "list.json": "[]",
+             "other.json": '{"records": []}'}  # fmt: skip
+    for name, text in cases.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        with pytest.raises(sweep.BadRun, match=name):
+            sweep.load_run(tmp_path / name)
+
+
 def test_sweep_command_writes_a_run_of_the_profile(tmp_path, capsys):
     out = tmp_path / "run.json"
     args = ["--profile", "tiny", "--families", "scale-out", "--impls", "sorted,padded"]
@@ -544,6 +611,36 @@ def test_train_families_count_the_padded_layers_drops():
     assert dropped > 0  # every token on the same K experts, capacity 1.25 x the mean
     per_pair = 6 * point.cfg.d_model * point.cfg.d_ff
     assert rec["flops"] == 3 * (point.cfg.flops(point.T) - dropped * per_pair)
+
+
+class _DoubleGradient(torch.autograd.Function):
+    """Identity forward; twice the gradient backward: a planted backward bug."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return 2 * grad
+
+
+def test_train_families_check_every_gradient_against_float64():
+    (point,) = [p for p in grid.points("models+bwd", "tiny") if p.label == "deepseek-v3/T=16"]
+    impls = ["naive", "padded", "sorted"]
+    records = sweep.run_points([point], impls, ["zipf:1.2"], profile="tiny", check=True)
+    for r in records:
+        assert r["status"] == "ok", r["reason"]
+        assert r["rel_err"] < 1e-5, r["impl"]  # fp32 against float64
+    assert records[1]["dropped_fraction"] > 0  # the padded layer's drops are accounted for
+
+    def broken(x, routing, weights, **kw):  # a layer whose dx is twice the true one
+        return mb.moe_forward(_DoubleGradient.apply(x), routing, weights, **kw)
+
+    (rec,) = sweep.run_points(
+        [point], ["sorted"], ["zipf:1.2"], profile="tiny", check=True, forward=broken
+    )
+    assert rec["rel_err"] == pytest.approx(1.0, rel=1e-3)  # ||2 dx - dx|| / ||dx||
 
 
 def test_train_families_time_forward_and_backward():

@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from moebench import targets
+from moebench import sweep, targets
 
 ENV = {"profile": "gpu", "gpu": "H100", "ceilings": {"copy_bytes": 3e12}}
 
@@ -81,3 +81,27 @@ def test_a_run_without_triton_says_not_measured():
     table = targets.evaluate({"profile": "cpu"}, frame()[lambda f: f["impl"] != "triton"])
     assert table["met"].isna().all() and (table["at"] == "no points").all()
     assert "not measured" in targets.markdown({"profile": "cpu"}, frame().iloc[2:3])
+
+
+def test_a_run_without_touched_experts_leaves_the_decode_rows_unmeasured(tmp_path):
+    """Older runs lack the column; load_run fills it with None."""
+    records = frame(triton_ms=0.9, decode_ms=1.2, replay_ms=(0.9, 1.2))
+    records = records.drop(columns="touched_experts").to_dict("records")
+    run = sweep.write_run(tmp_path / "run-1.json", ENV, records)
+    table = targets.evaluate(*sweep.load_run(run)).set_index("target")
+    decode = [f"{DECODE} (eager)", f"{DECODE} (kernels)"]
+    for row in decode:
+        assert table.loc[row, "met"] is None and table.loc[row, "at"] == "no points"
+    assert table.drop(index=decode)["met"].tolist() == [True] * 4
+
+
+@pytest.mark.parametrize("content", [None, '{"env": {"profile": "gpu"}, "rec', "[]"],
+                         ids=["missing", "truncated", "not a run"])  # fmt: skip
+def test_a_bad_run_file_is_one_line_and_exit_2(tmp_path, capsys, content):
+    path = tmp_path / "run-1.json"
+    if content is not None:
+        path.write_text(content)
+    assert targets.main([str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"targets: {path}: ") and captured.err.count("\n") == 1
+    assert captured.out == ""
