@@ -125,10 +125,11 @@ def _env_lines(env: dict) -> list[str]:
         lines.append(f"- clocks: {env['clocks']}")
     timing = env.get("timing")
     if timing:
+        floor = lambda s: f" and at least {s:g} s of them" if s else ""
         lines.append(
-            f"- each measurement: {timing['warmup']} warm-up calls and at least "
-            f"{timing['warmup_s']:g} s of them, then {timing['repeats']} timed calls and at "
-            f"least {timing['min_time_s']:g} s of them, about {timing['max_time_s']:g} s at most"
+            f"- each measurement: {timing['warmup']} warm-up calls{floor(timing['warmup_s'])}, "
+            f"then {timing['repeats']} timed calls{floor(timing['min_time_s'])}, about "
+            f"{timing['max_time_s']:g} s at most"
         )
     if ceilings:
         lines.append(

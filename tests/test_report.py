@@ -77,7 +77,10 @@ def test_markdown_summary_sections(run_file):
     assert "| E=8 | naive |" in text
     assert "deepseek-v3/T=16" in text
     assert f"commit `{env['commit']}`" in text
-    assert "- each measurement: 1 warm-up calls and at least 0 s of them, then 3 timed" in text
+    assert "- each measurement: 1 warm-up calls, then 3 timed calls, about" in text
+    floors = {**env["timing"], "warmup": 3, "warmup_s": 0.05, "repeats": 20, "min_time_s": 0.1}
+    text = report.markdown({**env, "timing": floors}, frame)
+    assert "3 warm-up calls and at least 0.05 s of them, then 20 timed calls and at least" in text
 
 
 def test_tuned_triton_kernels_are_listed(run_file):
