@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 import torch
 
@@ -108,7 +109,7 @@ def load_balancing_loss(logits_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.
         raise ValueError(f"ids must be an integer tensor, got {ids_TK.dtype}")
     if T == 0:
         raise ValueError("the load-balancing loss needs at least one token, got T=0")
-    lo, hi = int(ids_TK.min()), int(ids_TK.max())
+    lo, hi = torch.stack([ids_TK.min(), ids_TK.max()]).tolist()  # one host sync
     if lo < 0 or hi >= num_experts:
         raise ValueError(f"expert ids must be in [0, {num_experts}), got ids in [{lo}, {hi}]")
     probs_E = logits_TE.float().softmax(-1).mean(0)
@@ -117,7 +118,8 @@ def load_balancing_loss(logits_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An int or a numpy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _check_logits(logits_TE) -> None:
@@ -168,12 +170,12 @@ def make_routing(
     if not isinstance(cfg, MoEConfig):
         raise TypeError(f"cfg must be a moebench.MoEConfig, got {type(cfg).__name__}")
     kind, arg = _parse_skew(skew)
-    T, E, K = num_tokens, cfg.num_experts, cfg.top_k
-    if not _is_int(T) or T <= 0:
+    if not _is_int(num_tokens) or num_tokens <= 0:
         raise ValueError(f"num_tokens must be a positive int, got {num_tokens!r}")
     if not _is_int(seed) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
-    gen = torch.Generator().manual_seed(seed)
+    T, E, K = int(num_tokens), cfg.num_experts, cfg.top_k
+    gen = torch.Generator().manual_seed(int(seed))
     label_E = torch.randperm(E, generator=gen)  # rank -> expert id
     if kind == "balanced":
         # Pair p = t*K + j takes rank p mod E: K consecutive ranks are distinct since K <= E.

@@ -161,6 +161,14 @@ def test_routing_checks_shapes_and_dtypes():
         mb.load_stats(mb.Routing(torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2)), 4)
 
 
+def test_numpy_integers_are_ints():
+    np = pytest.importorskip("numpy")
+    cfg = mb.MoEConfig(8, 8, 4, 2)
+    r = mb.make_routing(np.int64(6), cfg, seed=np.int64(3))
+    assert torch.equal(r.ids, mb.make_routing(6, cfg, seed=3).ids)
+    assert mb.route(torch.randn(6, 4), np.int64(2)).ids.shape == (6, 2)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
