@@ -49,7 +49,9 @@ def _verdict(target: str, required: str, points: pd.DataFrame, value: pd.Series,
 
 
 def _weight_bytes(rows: pd.DataFrame) -> pd.Series:
-    itemsize = rows["dtype"].map(lambda name: torch_dtype(name).itemsize)
+    # astype: an empty column keeps its string dtype through map, which pandas with pyarrow
+    # strings then refuses to multiply.
+    itemsize = rows["dtype"].map(lambda name: torch_dtype(name).itemsize).astype("int64")
     per_expert = 3 * rows["D"] * rows["F"]
     return (rows["touched_experts"] * per_expert + 3 * rows["D"] * rows["Fs"]) * itemsize
 

@@ -8,11 +8,13 @@ import pytest
 from moebench import cli, sweep
 
 SHAPE = ["--d-model", "32", "--d-ff", "16", "--experts", "8", "--top-k", "2"]
+# These read the CPU's table and profiler; on a GPU machine the CLI would default to cuda.
+CPU = ["--device", "cpu"]
 
 
 def test_compares_impls_and_skews(capsys, tmp_path):
     out = tmp_path / "run.json"
-    argv = [*SHAPE, "--tokens", "1,16", "--impls", "naive,sorted,padded"]
+    argv = [*SHAPE, *CPU, "--tokens", "1,16", "--impls", "naive,sorted,padded"]
     argv += ["--skews", "balanced,collapse", "--repeats", "3", "--check", "--json", str(out)]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out.splitlines()
@@ -30,7 +32,17 @@ def test_compares_impls_and_skews(capsys, tmp_path):
 
 
 def test_preset_shrunk_and_skipped_triton(capsys):
-    argv = ["--preset", "mixtral-8x7b", "--shrink", "64", "--tokens", "4", "--impls", "triton"]
+    argv = [
+        "--preset",
+        "mixtral-8x7b",
+        "--shrink",
+        "64",
+        "--tokens",
+        "4",
+        "--impls",
+        "triton",
+        *CPU,
+    ]
     assert cli.main([*argv, "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "mixtral-8x7b: D=64 F=224 E=8 K=2" in out
@@ -40,7 +52,7 @@ def test_preset_shrunk_and_skipped_triton(capsys):
 def test_kernels_lists_where_a_call_goes(capsys):
     """The naive loop over 8 experts at balanced routing: a matmul pair and an index_add_
     per expert, so 16 mm and 8 index_add_ per call."""
-    argv = [*SHAPE, "--tokens", "16", "--impls", "naive,sorted", "--repeats", "2"]
+    argv = [*SHAPE, *CPU, "--tokens", "16", "--impls", "naive,sorted", "--repeats", "2"]
     assert cli.main([*argv, "--kernels", "40"]) == 0
     out = capsys.readouterr().out
     _, found, tail = out.partition("Where a call's time goes (ops' self CPU time")
