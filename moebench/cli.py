@@ -29,7 +29,7 @@ COLUMNS = (
     ("skew", "skew", "{}"),
     ("time_ms", "time ms", "{:.4g}"),
     ("cv", "cv", "{:.2f}"),
-    ("host_ms", "host ms", "{:.3g}"),  # GPU: host time to issue one call
+    ("host_ms", "host ms", "{:.3g}"),  # GPU: host time to issue one call, nothing queued
     ("tokens_per_s", "tokens/s", "{:.4g}"),
     ("tflops", "TFLOP/s", "{:.3g}"),
     ("roofline_fraction", "roofline", "{:.3f}"),

@@ -162,9 +162,9 @@ def markdown(env: dict, frame: pd.DataFrame) -> str:
         "time this device can take (measured ceilings) / the time; peak MiB = memory "
         "allocated above inputs and weights; "
         "imbalance = time / time under balanced routing; dropped = pairs dropped / S. "
-        "On a GPU, host ms = host time to issue one call (near the time: the layer waits on "
-        "its launches) and replay ms = the same call as a CUDA graph replay (the kernels "
-        "alone; fast triton points only)."
+        "On a GPU, host ms = host time to issue one call with nothing queued (near the "
+        "time: the call is bound by its launches, or waits for the GPU) and replay ms = the "
+        "same call as a CUDA graph replay (the kernels alone; fast triton points only)."
     )
     for family in dict.fromkeys(frame["family"]):
         part = frame[frame["family"] == family]

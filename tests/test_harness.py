@@ -272,6 +272,23 @@ def test_cuda_host_time_sees_a_host_bound_call():
 
 
 @cuda
+def test_cuda_host_time_is_not_the_wait_for_a_full_launch_queue():
+    """Back to back, a device-bound call fills the launch queue and the host waits for
+    room; host_ms is what issuing one call costs with nothing queued."""
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    b = torch.empty_like(a)
+
+    def device_bound():  # 10 launches of 0.14 TFLOP: about 2 ms of device time a call
+        for _ in range(10):
+            torch.mm(a, a, out=b)
+
+    # 500 calls queue 5000 launches: the queue is full after the first hundred or so, and
+    # the old host time (issue time over the timed calls) read about 0.8 of the median.
+    t = harness.measure(device_bound, harness.make_timer("cuda"), warmup=2, repeats=500)
+    assert t.host_ms < 0.5 * t.median_ms, (t.host_ms, t.median_ms)
+
+
+@cuda
 def test_cuda_peak_is_above_what_was_allocated_before():
     x = torch.ones(MIB, device="cuda")  # 4 MiB already allocated: not counted
     peak, label = harness.peak_memory(lambda: (x * 2).sum(), "cuda")
