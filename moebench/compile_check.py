@@ -45,7 +45,9 @@ KERNELS = ("gate_up", "down", "swiglu_backward", "expert_grad", "schedule")
 
 class Case(NamedTuple):
     kernel: str  # one of KERNELS
-    variant: str  # decode, prefill, big; gate_up or down for expert_grad; rows, slots, counted
+    # decode, prefill, big-prefill, big-decode; gate_up or down for expert_grad; rows, slots,
+    # counted
+    variant: str
     block_m: int  # 0 for expert_grad and schedule, whose BLOCK_M is part of their config
     config: dict  # triton.Config.all_kwargs()
 
@@ -127,7 +129,12 @@ def cases(only: str | None = None) -> list[Case]:
         fused._down_kernel: "down",
         fused._swiglu_backward_kernel: "swiglu_backward",
     }
-    out += [Case(names[k], "big", fused.BIG_M, dict(c)) for k, c in fused._BIG_CONFIG.items()]
+    heights = {"prefill": fused.BIG_M, "decode": fused.DECODE_BIG_M}
+    out += [
+        Case(names[k], f"big-{path}", heights[path], dict(c))
+        for path, configs in fused._BIG_CONFIG.items()
+        for k, c in configs.items()
+    ]
     grad_configs = [c.all_kwargs() for c in fused._expert_grad_configs()]
     out += [Case("expert_grad", w, 0, c) for w in ("gate_up", "down") for c in grad_configs]
     schedule = {
@@ -170,7 +177,7 @@ def _launch_args(case: Case):
     if case.kernel == "schedule":  # ids [S]; int64 outputs; sizes
         n = S + E  # slots
         kernels = {
-            "rows": (fused._expert_rows_kernel, (i64, i64, i64, S, E, 16, 128)),
+            "rows": (fused._expert_rows_kernel, (i64, i64, i64, S, E, 16, 128, 16)),
             "slots": (
                 fused._tile_slots_kernel, (i64, i64, i64, i64, i64, i64, n, E, S // 128, 128, 7)
             ),

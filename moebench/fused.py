@@ -14,6 +14,8 @@ BLOCK_M follows the average expert load, which is the wrong height for the few e
 hold most rows under skewed routing (`collapse`, `hot`): prefill schedules with BLOCK_M < 128
 therefore cut each expert's full 128-row blocks into tall tiles, launched apart (S // 128
 more slots, a fixed 128 x 128 config), and only the remainder into BLOCK_M-row tiles.
+Decode (16-row tiles) gives an expert with more than 16 rows one 64-row tile instead, so
+that each touched expert's weights are still read once.
 
 Forward. Kernel 1 gathers each tile's rows of x straight from the unsorted input
 (token = pair // K, no permuted copy of x), computes the gate and up projections in one pass
@@ -72,12 +74,13 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 @triton.jit
 def _expert_rows_kernel(
-    sorted_ids_ptr, offsets_ptr, tiles_ptr, S, E, SEARCH_STEPS, big_m,
+    sorted_ids_ptr, offsets_ptr, tiles_ptr, S, E, SEARCH_STEPS, big_m, rest_max,
     BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
     # offsets[e] = the first sorted row whose expert is >= e (a vectorised binary search),
     # for e in [0, E]; for e < E, tiles[0, e] = rows of e // big_m (full big tiles) and
-    # tiles[1, e] = cdiv(the rest, BLOCK_M).
+    # tiles[1, e] = cdiv(the rest, BLOCK_M), except that a rest of more than rest_max rows
+    # takes one more big tile instead (rest_max >= big_m: never).
     o_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     lo_first = tl.zeros((BLOCK_E,), dtype=tl.int64)
     hi_first = tl.zeros((BLOCK_E,), dtype=tl.int64) + S
@@ -95,8 +98,10 @@ def _expert_rows_kernel(
     tl.store(offsets_ptr + o_e, lo_first, mask=o_e <= E)
     rows = lo_next - lo_first
     full = rows // big_m
-    tl.store(tiles_ptr + o_e, full, mask=o_e < E)
-    rest_tiles = (rows - full * big_m + BLOCK_M - 1) // BLOCK_M
+    rest = rows - full * big_m
+    tall = rest > rest_max
+    tl.store(tiles_ptr + o_e, full + tall.to(tl.int64), mask=o_e < E)
+    rest_tiles = tl.where(tall, 0, (rest + BLOCK_M - 1) // BLOCK_M)
     tl.store(tiles_ptr + E + o_e, rest_tiles, mask=o_e < E)
 
 
@@ -108,7 +113,7 @@ def _tile_slots_kernel(
     # Slots [0, big_slots) hold big_m-row tiles, the others BLOCK_M-row tiles; within its
     # section, slot n belongs to the first expert whose running tile count passes n. Slots
     # past a section's real tiles get start == end == 0 (and the last expert, so that loads
-    # stay in range).
+    # stay in range). A big tile ends at its expert's last row: it may hold fewer than big_m.
     o_n = tl.program_id(0) * BLOCK_SLOTS + tl.arange(0, BLOCK_SLOTS)
     small = o_n >= big_slots
     o_local = tl.where(small, o_n - big_slots, o_n)
@@ -608,23 +613,45 @@ _EXPERT_GRAD = {
 }
 
 # Tall tiles for the experts that hold many rows when the average expert holds few (skewed
-# routing over many experts): BIG_M-row tiles over each expert's full BIG_M blocks, launched
-# apart from the BLOCK_M-row tiles over the rest. Their config is fixed, not tuned: a tuner
-# keyed on the shapes would time them on whatever routing came first, often one with no
-# full block at all. 128 x 128 blocks with 8 warps: the Hopper matmul shape (no spills
-# for sm_90 with triton 3.6 or 3.9: `python -m moebench.compile_check` checks these too).
+# routing), launched apart from the BLOCK_M-row tiles:
+# - prefill: BIG_M-row tiles over each expert's full BIG_M blocks, BLOCK_M-row tiles over
+#   the rest;
+# - decode (T > 16): an expert with more than BLOCK_M rows gets one DECODE_BIG_M-row tile
+#   for all of them (an expert holds at most T <= DECODE_MAX_TOKENS rows), so that its
+#   weights are read once: with 16-row tiles, `collapse` at T = 64 read every touched
+#   expert's weights four times (0.25 to 0.33 of the copy bandwidth, H200).
+# Their config is fixed, not tuned: a tuner keyed on the shapes would time them on whatever
+# routing came first, often one with no tall tile at all. Prefill's 128 x 128 blocks with 8
+# warps are the Hopper matmul shape; decode's narrow, deep blocks are the shapes its tuners
+# pick for 16-row tiles (many programs streaming the weights). No spills for sm_90 with
+# triton 3.6 or 3.9: `python -m moebench.compile_check` builds these too.
 BIG_M = 128
+DECODE_BIG_M = 64
+_BIG_SHAPES = {
+    "prefill": {
+        _gate_up_kernel: (128, 64, 8, 3, 8),
+        _down_kernel: (128, 64, 8, 3, 8),
+        _swiglu_backward_kernel: (64, 32, 8, 3, 8),
+    },
+    "decode": {
+        _gate_up_kernel: (32, 128, 4, 3, 1),
+        _down_kernel: (64, 128, 4, 3, 1),
+        _swiglu_backward_kernel: (32, 64, 4, 3, 1),
+    },
+}
 _BIG_CONFIG = {
-    kernel: triton.Config({"BLOCK_N": n, "BLOCK_K": k, "GROUP_SIZE_M": 8}, num_warps=w,
-                          num_stages=st).all_kwargs()
-    for kernel, (n, k, w, st) in {
-        _gate_up_kernel: (128, 64, 8, 3),
-        _down_kernel: (128, 64, 8, 3),
-        _swiglu_backward_kernel: (64, 32, 8, 3),
-    }.items()
+    path: {
+        kernel: triton.Config({"BLOCK_N": n, "BLOCK_K": k, "GROUP_SIZE_M": g}, num_warps=w,
+                              num_stages=st).all_kwargs()
+        for kernel, (n, k, w, st, g) in shapes.items()
+    }
+    for path, shapes in _BIG_SHAPES.items()
 }  # fmt: skip
 if _INTERPRET:
-    _BIG_CONFIG = {kernel: _configs("prefill", "gate_up")[0].all_kwargs() for kernel in _BIG_CONFIG}
+    _BIG_CONFIG = {
+        path: {kernel: _configs(path, "gate_up")[0].all_kwargs() for kernel in configs}
+        for path, configs in _BIG_CONFIG.items()
+    }
 
 
 def _cdiv(a, b):
@@ -666,9 +693,10 @@ class TileSchedule(NamedTuple):
 
     Expert e owns sorted rows [offsets_E1[e], offsets_E1[e + 1]). Tile n covers sorted rows
     [start_N[n], end_N[n]) of expert expert_N[n]; slots past the real tile count have
-    start == end == 0. With two heights, the first big_slots(S, big_m) slots hold tiles of
-    big_m rows over each expert's full big_m blocks, the others tiles of at most BLOCK_M
-    rows over the rest.
+    start == end == 0. With two heights, the first big_slots(S, big_m, tall_over) slots hold
+    tiles of big_m rows over each expert's full big_m blocks (and, with tall_over, one tile
+    of up to big_m rows over an expert's rest of more than tall_over rows), the others tiles
+    of at most BLOCK_M rows over the rest.
     """
 
     order_S: torch.Tensor  # [S] pair index t*K + j of each sorted row, stable within an expert
@@ -678,18 +706,21 @@ class TileSchedule(NamedTuple):
     end_N: torch.Tensor  # [N] one past its last sorted row
 
 
-def big_slots(S, big_m):
-    """Slots for big_m-row tiles: every full block of every expert (0 with one height)."""
-    return S // big_m if big_m else 0
+def big_slots(S, big_m, tall_over=0):
+    """Slots for big_m-row tiles: every full block of every expert (0 with one height), and
+    with tall_over, one per expert whose rest exceeds tall_over rows."""
+    if not big_m:
+        return 0
+    return S // big_m + (S // (tall_over + 1) if tall_over else 0)
 
 
-def tile_slots(S, E, block_m, big_m=0):
+def tile_slots(S, E, block_m, big_m=0, tall_over=0):
     """N: room for the most tiles any routing of S pairs over E experts can produce.
 
     A nonempty expert with c rows left after its full big_m blocks has
     cdiv(c, block_m) <= c // block_m + 1 small tiles.
     """
-    return big_slots(S, big_m) + _cdiv(S, block_m) + min(E, S)
+    return big_slots(S, big_m, tall_over) + _cdiv(S, block_m) + min(E, S)
 
 
 # Up to this many pairs (64 decode tokens at K = 8), a one-height schedule is counted in one
@@ -710,10 +741,13 @@ if _INTERPRET:  # its cost is per op, not per element: one wide step, not (S / 3
     }
 
 
-def tile_schedule(ids_TK, num_experts, block_m, big_m=0):
-    """Build the tile schedule on the device: N = tile_slots(S, E, block_m, big_m) slots.
+def tile_schedule(ids_TK, num_experts, block_m, big_m=0, tall_over=0):
+    """Build the tile schedule on the device: N = tile_slots(S, E, block_m, big_m, tall_over)
+    slots.
 
-    big_m > block_m gives two tile heights, 0 one. One sort, then two small kernels around a
+    big_m > block_m gives two tile heights, 0 one. tall_over (two heights only): an expert's
+    rest of more than tall_over rows takes one big tile rather than several small ones
+    (decode passes block_m). One sort, then two small kernels around a
     cumsum: four launches, and the schedule is on the critical path of every call (a chain
     of twenty torch ops cost more host time than the layer's GEMMs at T=4096). A one-height
     schedule of at most COUNTED_MAX_PAIRS pairs (decode) is one launch that counts instead
@@ -723,7 +757,9 @@ def tile_schedule(ids_TK, num_experts, block_m, big_m=0):
     S, E = ids_S.numel(), num_experts
     if big_m and big_m <= block_m:
         raise ValueError(f"big_m={big_m} must exceed block_m={block_m}, or be 0 (one height)")
-    N = tile_slots(S, E, block_m, big_m)
+    if tall_over and not big_m:
+        raise ValueError(f"tall_over={tall_over} needs a second tile height (big_m)")
+    N = tile_slots(S, E, block_m, big_m, tall_over)
     if not big_m and S <= COUNTED_MAX_PAIRS:
         new = lambda n: ids_S.new_empty(n, dtype=torch.int64)
         order_S, offsets_E1, expert_N, start_N, end_N = new(S), new(E + 1), new(N), new(N), new(N)
@@ -736,19 +772,19 @@ def tile_schedule(ids_TK, num_experts, block_m, big_m=0):
     sorted_ids_S, order_S = torch.sort(ids_S, stable=True)
     offsets_E1 = torch.empty(E + 1, device=ids_S.device, dtype=torch.int64)
     tiles_2E = torch.empty(2, E, device=ids_S.device, dtype=torch.int64)
-    # With one height no expert fills a block of S + 1 rows.
+    # With one height no expert fills a block of S + 1 rows; no rest exceeds a height.
     height = big_m or S + 1
     blocks = SCHEDULE_BLOCKS[_expert_rows_kernel]
     _expert_rows_kernel[(_cdiv(E + 1, blocks["BLOCK_E"]),)](
-        sorted_ids_S, offsets_E1, tiles_2E, S, E, S.bit_length(), height, BLOCK_M=block_m,
-        **blocks,
+        sorted_ids_S, offsets_E1, tiles_2E, S, E, S.bit_length(), height, tall_over or height,
+        BLOCK_M=block_m, **blocks,
     )  # fmt: skip
     tile_end_2E = torch.cumsum(tiles_2E, 1)
     expert_N, start_N, end_N = (order_S.new_empty(N) for _ in range(3))
     blocks = SCHEDULE_BLOCKS[_tile_slots_kernel]
     _tile_slots_kernel[(_cdiv(N, blocks["BLOCK_SLOTS"]),)](
-        offsets_E1, tiles_2E, tile_end_2E, expert_N, start_N, end_N, N, E, big_slots(S, big_m),
-        height, E.bit_length(), BLOCK_M=block_m, **blocks,
+        offsets_E1, tiles_2E, tile_end_2E, expert_N, start_N, end_N, N, E,
+        big_slots(S, big_m, tall_over), height, E.bit_length(), BLOCK_M=block_m, **blocks,
     )  # fmt: skip
     return TileSchedule(order_S, offsets_E1, expert_N, start_N, end_N)
 
@@ -786,15 +822,15 @@ def pair_tiles(ids_TK):
 # interpreted kernels); eager calls skip the dispatcher.
 @torch.library.custom_op("moebench::tile_schedule", mutates_args=())
 def _tile_schedule_op(
-    ids_TK: torch.Tensor, num_experts: int, block_m: int, big_m: int
+    ids_TK: torch.Tensor, num_experts: int, block_m: int, big_m: int, tall_over: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(tile_schedule(ids_TK, num_experts, block_m, big_m))
+    return tuple(tile_schedule(ids_TK, num_experts, block_m, big_m, tall_over))
 
 
 @_tile_schedule_op.register_fake
-def _(ids_TK, num_experts, block_m, big_m):
+def _(ids_TK, num_experts, block_m, big_m, tall_over):
     S = ids_TK.numel()
-    N = tile_slots(S, num_experts, block_m, big_m)
+    N = tile_slots(S, num_experts, block_m, big_m, tall_over)
     new = lambda n: ids_TK.new_empty(n, dtype=torch.int64)
     return new(S), new(num_experts + 1), new(N), new(N), new(N)
 
@@ -805,10 +841,15 @@ class Section(NamedTuple):
     slot0: int
     slots: int
     block_m: int
-    tuned: bool  # the tuned config, or the fixed big-tile one
+    fixed: dict | None  # the big tiles' config by kernel; None: tuned
 
 
-def _sections(schedule, block_m, big_m):
+def _tall_over(path, block_m):
+    """Decode's rule for its big tiles (see DECODE_BIG_M); prefill has none (0)."""
+    return block_m if path == "decode" else 0
+
+
+def _sections(schedule, block_m, big_m, path):
     """The launches over a schedule: the big-tile slots (if any), then the others.
 
     Compiled kernels launch every slot (no host sync). The interpreter runs every program
@@ -816,10 +857,10 @@ def _sections(schedule, block_m, big_m):
     prefix of the section); on the CPU the host sync that counts them is free.
     """
     S, N = schedule.order_S.numel(), schedule.expert_N.numel()
-    big = big_slots(S, big_m)
-    sections = [Section(big, N - big, block_m, True)]
+    big = big_slots(S, big_m, _tall_over(path, block_m))
+    sections = [Section(big, N - big, block_m, None)]
     if big:
-        sections.insert(0, Section(0, big, big_m, False))
+        sections.insert(0, Section(0, big, big_m, _BIG_CONFIG[path]))
     if _INTERPRET:
         sections = [
             s._replace(slots=int(schedule.end_N[s.slot0 : s.slot0 + s.slots].count_nonzero()))
@@ -837,12 +878,12 @@ def _tile_launch(tuner, section, width, args, key, descriptors=None, **constexpr
     grid = lambda meta: (
         section.slots * _cdiv(_cdiv(width, meta["BLOCK_N"]), meta.get("N_BLOCKS", 1)),
     )
-    if section.tuned:
+    if section.fixed is None:
         fit = None
         if descriptors:
             fit = lambda c: _fit_descriptors({"BLOCK_M": section.block_m, **c, **descriptors})
         return _launch(tuner, grid, args, key, fit, BLOCK_M=section.block_m, **constexprs)
-    config = _BIG_CONFIG[tuner.fn]
+    config = section.fixed[tuner.fn]
     tuner.fn[grid(config)](*args, BLOCK_M=section.block_m, **constexprs, **config)
     return config
 
@@ -864,7 +905,7 @@ def gate_up_swiglu(x_TD, gate_up_E2FD, schedule, sections, top_k, path, t_bucket
     tuner = _GATE_UP[path, bool(descs)]
     config = None
     for section in sections:
-        d = descs if section.tuned else {}  # big tiles: a fixed pointer config
+        d = descs if section.fixed is None else {}  # big tiles: a fixed pointer config
         args = (
             x_TD, gate_up_E2FD, h_SF, schedule.order_S, schedule.expert_N, schedule.start_N,
             schedule.end_N, d.get("w_desc"), D, F, top_k, E, t_bucket, section.slot0,
@@ -912,7 +953,7 @@ def down_combine(h_SF, down_EDF, weights_S, schedule, sections, out_TD, top_k, p
     config = None
     weighted = weights_S is not None
     for section in sections:
-        d = descs if section.tuned else {}  # big tiles: a fixed pointer config
+        d = descs if section.fixed is None else {}  # big tiles: a fixed pointer config
         args = (
             h_SF, down_EDF, y, schedule.order_S, weights_S, schedule.expert_N, schedule.start_N,
             schedule.end_N, d.get("h_desc"), d.get("w_desc"), D, F, top_k, E, t_bucket,
@@ -939,7 +980,8 @@ def swiglu_backward(dy_TD, x_TD, weights_TK, gate_up_E2FD, down_EDF, schedule, s
     # One partial row per F block. The tuned BLOCK_N is known only after the launch, so
     # allocate for the narrowest config; with two sections, zeros where the other writes.
     tuner = _SWIGLU_BACKWARD[path]
-    widths = [c.kwargs["BLOCK_N"] for c in tuner.configs] + [_BIG_CONFIG[tuner.fn]["BLOCK_N"]]
+    widths = [c.kwargs["BLOCK_N"] for c in tuner.configs]
+    widths += [configs[tuner.fn]["BLOCK_N"] for configs in _BIG_CONFIG.values()]
     rows = _cdiv(F, min(widths))
     alloc = x_TD.new_zeros if len(sections) > 1 else x_TD.new_empty
     dw_partial = alloc(rows, S, dtype=torch.float32)
@@ -989,12 +1031,12 @@ def _block_m(path, t_bucket, top_k, num_experts):
     return min(BIG_M, max(16, _pow2(_cdiv(t_bucket * top_k, num_experts))))
 
 
-def _big_m(path, block_m):
-    """The second tile height: BIG_M when prefill tiles are shorter, else 0 (one height).
-
-    Decode has none: an expert holds at most T <= DECODE_MAX_TOKENS < BIG_M rows.
-    """
-    return BIG_M if path == "prefill" and block_m < BIG_M else 0
+def _big_m(path, block_m, t_bucket):
+    """The second tile height, 0 for one: BIG_M when prefill tiles are shorter; in decode,
+    DECODE_BIG_M when an expert can hold more than one tile's rows (T > block_m)."""
+    if path == "decode":
+        return DECODE_BIG_M if t_bucket > block_m else 0
+    return BIG_M if block_m < BIG_M else 0
 
 
 # The schedule is built outside the ops (plain torch ops that torch.compile traces) and passed
@@ -1008,7 +1050,7 @@ def _fused_moe(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(y_TD, h_SF): the forward kernels, keeping h for the backward."""
     schedule = TileSchedule(order_S, offsets_E1, expert_N, start_N, end_N)
-    sections = _sections(schedule, block_m, big_m)
+    sections = _sections(schedule, block_m, big_m, path)
     T, K = weights_TK.shape
     t_bucket = _pow2(T)
     h_SF, _ = gate_up_swiglu(x_TD, gate_up_E2FD, schedule, sections, K, path, t_bucket)
@@ -1035,7 +1077,7 @@ def _fused_moe_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(dx_TD, dweights_TK, dgate_up_E2FD, ddown_EDF); an unneeded one is an empty tensor."""
     schedule = TileSchedule(order_S, offsets_E1, expert_N, start_N, end_N)
-    sections = _sections(schedule, block_m, big_m)
+    sections = _sections(schedule, block_m, big_m, path)
     T, K = weights_TK.shape
     E = gate_up_E2FD.shape[0]
     t_bucket = _pow2(T)
@@ -1126,16 +1168,17 @@ def forward(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF, out_TD, stats, *,
 
     t_bucket = _pow2(T)
     block_m = _block_m(path, t_bucket, K, E)
-    big_m = _big_m(path, block_m)
+    big_m = _big_m(path, block_m, t_bucket)
+    tall_over = _tall_over(path, block_m) if big_m else 0
     differentiable = (x_TD, weights_TK, gate_up_E2FD, down_EDF)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
     compiling = torch.compiler.is_compiling()
     if compiling:
-        schedule = TileSchedule(*_tile_schedule_op(ids_TK, E, block_m, big_m))
+        schedule = TileSchedule(*_tile_schedule_op(ids_TK, E, block_m, big_m, tall_over))
     elif T == 1 and not needs_grad:
         schedule, big_m = pair_tiles(ids_TK), 0  # one height: a row per tile
     else:
-        schedule = tile_schedule(ids_TK, E, block_m, big_m)
+        schedule = tile_schedule(ids_TK, E, block_m, big_m, tall_over)
     if stats is not None:
         stats.update(block_m=block_m, big_m=big_m, tile_slots=schedule.expert_N.numel(),
                      combine=_combine_mode(K, combine))  # fmt: skip
@@ -1144,7 +1187,7 @@ def forward(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF, out_TD, stats, *,
         # (tracing into the kernel launches fails under the interpreter).
         y_TD, _ = _fused_moe(*differentiable, *schedule, path, block_m, big_m, combine)
         return out_TD.copy_(y_TD)
-    sections = _sections(schedule, block_m, big_m)
+    sections = _sections(schedule, block_m, big_m, path)
     h_SF, gate_up_config = gate_up_swiglu(x_TD, gate_up_E2FD, schedule, sections, K, path, t_bucket)
     _, down_config = down_combine(
         h_SF, down_EDF, weights_TK.reshape(-1), schedule, sections, out_TD, K, path, t_bucket,

@@ -43,7 +43,8 @@ def test_spilling_config_is_found_and_pruned():
     assert not out["tall_listed"]
     groups = set(out["groups"])
     for kernel in ("gate_up", "down", "swiglu_backward"):
-        assert f"{kernel}/decode/16" in groups and f"{kernel}/big/128" in groups
+        assert f"{kernel}/decode/16" in groups and f"{kernel}/big-prefill/128" in groups
+        assert f"{kernel}/big-decode/64" in groups
         assert {f"{kernel}/prefill/{m}" for m in (16, 32, 64, 128)} <= groups
     assert {"expert_grad/gate_up/0", "expert_grad/down/0"} <= groups
     assert {f"schedule/{k}/0" for k in ("rows", "slots", "counted")} <= groups

@@ -71,7 +71,10 @@ def rel_err(out, ref):
     return ((out.double().cpu() - ref).norm() / ref.norm()).item()
 
 
-@pytest.mark.parametrize("block_m, big_m", [(4, 0), (16, 0), (4, 8), (16, 32)])
+@pytest.mark.parametrize(
+    "block_m, big_m, tall_over",
+    [(4, 0, 0), (16, 0, 0), (4, 8, 0), (16, 32, 0), (4, 8, 4), (16, 64, 16)],
+)
 @pytest.mark.parametrize(
     "T, E, K, hot",
     [
@@ -83,7 +86,9 @@ def rel_err(out, ref):
     ],
     ids=["T1-K1", "T1-K=E", "T37-E12-K3", "hot-expert", "E8192"],
 )
-def test_tile_schedule_covers_every_pair_once(T, E, K, hot, block_m, big_m):
+def test_tile_schedule_covers_every_pair_once(T, E, K, hot, block_m, big_m, tall_over):
+    """Big tiles over full blocks (and, with tall_over, over a longer rest), small ones over
+    the rest; each sorted row in one tile of its expert."""
     g = torch.Generator().manual_seed(1)
     # Only some experts receive pairs, with uneven counts; the rest are empty.
     used = torch.randperm(E, generator=g)[: max(K, E // 3)]
@@ -92,7 +97,7 @@ def test_tile_schedule_covers_every_pair_once(T, E, K, hot, block_m, big_m):
         ids_TK[:, 0] = used[0]
         ids_TK[:, 1] = used[1 + torch.arange(T) % (used.numel() - 1)]
     S = T * K
-    sched = fused.tile_schedule(ids_TK.to(DEVICE), E, block_m, big_m)
+    sched = fused.tile_schedule(ids_TK.to(DEVICE), E, block_m, big_m, tall_over)
     sched = fused.TileSchedule(*(t.cpu() for t in sched))
     ids_S = ids_TK.reshape(-1)
     sorted_ids = ids_S[sched.order_S]
@@ -104,7 +109,7 @@ def test_tile_schedule_covers_every_pair_once(T, E, K, hot, block_m, big_m):
 
     counts_E = torch.bincount(ids_S, minlength=E)
     assert sched.offsets_E1.tolist() == [0, *counts_E.cumsum(0).tolist()]
-    big_slots = S // big_m if big_m else 0
+    big_slots = (S // big_m + (S // (tall_over + 1) if tall_over else 0)) if big_m else 0
     assert sched.expert_N.numel() == big_slots + -(-S // block_m) + min(E, S)
     covered = torch.zeros(S, dtype=torch.long)
     tiles = {"big": 0, "small": 0}
@@ -115,16 +120,19 @@ def test_tile_schedule_covers_every_pair_once(T, E, K, hot, block_m, big_m):
         big = n < big_slots
         tiles["big" if big else "small"] += 1
         if big:
-            assert end - start == big_m, "a big tile is not full"
+            full = end - start == big_m
+            assert full or tall_over < end - start < big_m, "a big tile is neither full nor a rest"
         else:
             assert 0 < end - start <= block_m
         assert (sorted_ids[start:end] == e).all(), "a tile mixes experts"
         covered[start:end] += 1
     assert (covered == 1).all(), "a sorted row is not covered exactly once"
     full_E = counts_E // big_m if big_m else torch.zeros_like(counts_E)
-    assert tiles["big"] == int(full_E.sum())
     rest_E = counts_E - full_E * big_m
-    assert tiles["small"] == int((-(-rest_E // block_m)).sum()), "empty experts got tiles"
+    tall_E = rest_E > tall_over if tall_over else torch.zeros_like(rest_E, dtype=torch.bool)
+    assert tiles["big"] == int((full_E + tall_E).sum())
+    small_E = torch.where(tall_E, 0, -(-rest_E // block_m))
+    assert tiles["small"] == int(small_E.sum()), "empty experts got tiles"
     if hot and big_m:
         assert tiles["big"] > 0, "the hot expert's rows should fill big tiles"
 
@@ -260,7 +268,9 @@ def test_routing_weights_in_x_dtype(path):
 def test_many_experts_few_tokens(path):
     case = make_case(T=64, D=16, F=16, E=1024, K=2, dtype=torch.float32)
     out, stats = run(case)
-    big_slots = 128 // stats["big_m"] if stats["big_m"] else 0
+    # decode: room for a tall tile per expert with more than block_m rows
+    tall = 128 // (stats["block_m"] + 1) if path == "decode" else 0
+    big_slots = 128 // stats["big_m"] + tall if stats["big_m"] else 0
     assert stats["tile_slots"] == big_slots + -(-128 // stats["block_m"]) + 128
     assert rel_err(out, reference(*case)) < TOLERANCE[torch.float32]
 
@@ -281,6 +291,34 @@ def test_two_tile_heights_match_reference(monkeypatch, dtype, K, combine):
     dy_TD = dy_TD.to(dtype=dtype, device=DEVICE)
     got = run_backward(case, dy_TD, combine)
     assert_grads_match(got, reference_grads(case, dy_TD), case[1], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_decode_gives_a_crowded_expert_one_tall_tile(dtype):
+    """Decode past 16 tokens: an expert with more than 16 rows (here all 40) runs as one
+    DECODE_BIG_M-row tile, so its weights are read once; the others as 16-row tiles."""
+    T, E = 40, 16
+    case = make_case(T=T, D=24, F=40, E=E, K=2, dtype=dtype, hot_expert=3)
+    out, stats = run(case)
+    assert (stats["path"], stats["block_m"], stats["big_m"]) == ("decode", 16, fused.DECODE_BIG_M)
+    assert rel_err(out, reference(*case)) < TOLERANCE[dtype]
+    sched = fused.tile_schedule(case[1], E, 16, fused.DECODE_BIG_M, 16)
+    tiles = [
+        (e, end - start)
+        for e, start, end in zip(*(t.tolist() for t in sched[2:]), strict=True)
+        if end > start
+    ]
+    assert [rows for e, rows in tiles if e == 3] == [T]
+    assert all(rows <= 16 for e, rows in tiles if e != 3)
+    dy_TD = torch.randn(T, 24, generator=torch.Generator().manual_seed(5))
+    dy_TD = dy_TD.to(dtype=dtype, device=DEVICE)
+    assert_grads_match(run_backward(case, dy_TD), reference_grads(case, dy_TD), case[1], dtype)
+
+
+def test_short_decode_keeps_one_tile_height():
+    """Up to 16 tokens no expert fills more than one 16-row tile: one height, counted."""
+    _, stats = run(make_case(T=16, D=16, F=16, E=2, K=1, dtype=torch.float32))
+    assert (stats["path"], stats["big_m"]) == ("decode", 0)
 
 
 def test_collapse_runs_tall_tiles():

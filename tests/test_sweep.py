@@ -427,6 +427,20 @@ def test_triton_decode_launches_on_the_gpu(T):
     assert len(launches) == len(kernels) + 1, launches
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_decode_past_16_tokens_launches_tall_tiles_apart():
+    """Decode at T = 32 under collapse (every token on the same 4 experts, 32 rows each):
+    each GEMM runs twice, over the 64-row tiles and over the (empty) 16-row ones."""
+    cfg = mb.MoEConfig(d_model=256, d_ff=128, num_experts=16, top_k=4)
+    point = grid.Point("cli", "decode", cfg, 32)
+    profile = dataclasses.replace(grid.get_profile("tiny"), device="cuda", dtype="bfloat16")
+    rows = sweep.op_breakdown(point, "triton", "collapse", profile=profile, calls=5)
+    launches = {r["name"]: r["calls"] for r in rows}
+    for kernel in ("_gate_up_kernel", "_down_kernel"):
+        assert launches.get(kernel) == 2, launches
+    assert "_counted_schedule_kernel" not in launches, launches
+
+
 def test_progress_is_reported_for_each_record():
     seen = []
     run_fake(progress=lambda done, total, r: seen.append((done, total, r["impl"])))
