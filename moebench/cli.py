@@ -19,7 +19,7 @@ import torch
 
 from . import grid, sweep
 from .config import PRESETS, MoEConfig, preset, torch_dtype
-from .harness import environment, make_timer
+from .harness import environment, format_op_times, make_timer
 from .layer import IMPLS
 from .routing import make_routing
 
@@ -204,17 +204,6 @@ def format_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def format_ops(rows: list[dict], top: int) -> str:
-    """harness.op_times rows: the total, then the `top` largest, one per line."""
-    total = sum(r["time_us"] for r in rows)
-    lines = [f"  {total:.4g} us per call in {len(rows)} kernels or ops; the largest:"]
-    lines.append(f"  {'time us':>10}  {'share':>6}  {'per call':>8}  name")
-    for r in rows[:top]:
-        share = r["time_us"] / total
-        lines.append(f"  {r['time_us']:>10.4g}  {share:>6.1%}  {r['calls']:>8.3g}  {r['name']}")
-    return "\n".join(lines)
-
-
 def _print_breakdowns(points, records, args, profile) -> None:
     cuda = torch.device(profile.device).type == "cuda"
     what = "kernels' device time" if cuda else "ops' self CPU time"
@@ -233,7 +222,7 @@ def _print_breakdowns(points, records, args, profile) -> None:
         except Exception as e:  # the table above stands; say why there is no breakdown
             print(f"  no breakdown: {type(e).__name__}: {e}")
             continue
-        print(format_ops(rows, args.kernels))
+        print(format_op_times(rows, args.kernels))
 
 
 def main(argv=None) -> int:

@@ -247,6 +247,17 @@ def op_times(fn, device, *, calls: int = 10) -> list[dict]:
     return sorted(rows, key=lambda r: -r["time_us"])
 
 
+def format_op_times(rows: list[dict], top: int) -> str:
+    """op_times rows: the total, then the `top` largest, one per line."""
+    total = sum(r["time_us"] for r in rows)
+    lines = [f"  {total:.4g} us per call in {len(rows)} kernels or ops; the largest:"]
+    lines.append(f"  {'time us':>10}  {'share':>6}  {'per call':>8}  name")
+    for r in rows[:top]:
+        share = r["time_us"] / total
+        lines.append(f"  {r['time_us']:>10.4g}  {share:>6.1%}  {r['calls']:>8.3g}  {r['name']}")
+    return "\n".join(lines)
+
+
 # --- peak memory ---------------------------------------------------------------------
 
 CUDA_PEAK_LABEL = "cuda max_memory_allocated"

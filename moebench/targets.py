@@ -12,6 +12,11 @@ computed, labelled with the run's profile, so the same script answers on any mac
 Targets 3 and 4 are given twice: with the eager time, and with the kernels' time, which is
 the CUDA graph replay time where the run has one (graph_ms: the profile replays the fast
 points, whose eager time is mostly host launch time) and the eager time elsewhere.
+
+    python -m moebench.targets RUN.json --kernels 8
+
+also reruns the worst point of each target missed, on the run's profile (so on its device),
+and lists the 8 kernels that take most of the triton layer's call there (torch.profiler).
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import sys
 
 import pandas as pd
 
+from . import grid, sweep
 from .config import torch_dtype
+from .harness import format_op_times
 from .sweep import BadRun, load_run
 
 SONIC_TFLOPS = 550.0
@@ -35,7 +42,7 @@ def _verdict(target: str, required: str, points: pd.DataFrame, value: pd.Series,
     "higher is better")."""
     if points.empty:
         return {"target": target, "required": required, "worst": None, "at": "no points",
-                "points": 0, "met": None}  # fmt: skip
+                "points": 0, "met": None, "point": None}  # fmt: skip
     worst = value.idxmin()
     at = points.loc[worst]
     return {
@@ -45,6 +52,7 @@ def _verdict(target: str, required: str, points: pd.DataFrame, value: pd.Series,
         "at": f"{at['family']} {at['label']} {at['skew']}",
         "points": len(points),
         "met": bool(met.all()),
+        "point": (at["family"], at["label"], at["skew"]),
     }
 
 
@@ -137,9 +145,61 @@ def markdown(env: dict, frame: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def breakdowns(env: dict, frame: pd.DataFrame, top: int) -> str:
+    """Where the triton layer's call goes at the worst point of each target missed: the
+    point rerun here on the run's profile (which needs its device) under torch.profiler,
+    with the configs the run tuned there."""
+    worst: dict[tuple, list[str]] = {}
+    for row in evaluate(env, frame).itertuples():
+        if row.met is False:
+            worst.setdefault(row.point, []).append(row.target)
+    if not worst:
+        return "No target missed: no point to rerun.\n"
+    profile = env.get("profile")
+    lines = [f"Where the triton layer's time goes at each missed target's worst point "
+             f"(profile {profile}, torch.profiler over 10 calls):"]  # fmt: skip
+    tri = frame[(frame["impl"] == "triton") & (frame["status"] == "ok")]
+    for (family, label, skew), targets in worst.items():
+        lines.append(f"{family} {label} {skew}: worst for {'; '.join(targets)}")
+        record = tri[(tri["family"] == family) & (tri["label"] == label) & (tri["skew"] == skew)]
+        kernels = (
+            sweep.tuned_kernels(record["layer_stats"].iloc[0]) if "layer_stats" in record else None
+        )
+        if kernels:
+            lines.append("  tuned in the run: " + ", ".join(f"{k} {v}" for k, v in kernels.items()))
+        try:
+            point = next((p for p in grid.points(family, profile) if p.label == label), None)
+            if point is None:
+                raise ValueError(f"profile {profile} has no point {family} {label} here")
+            rows = sweep.op_breakdown(point, "triton", skew, profile=profile)
+        except Exception as e:  # the table stands; say why this point has no breakdown
+            lines.append(f"  no breakdown: {type(e).__name__}: {e}")
+            continue
+        lines.append(format_op_times(rows, top))
+    return "\n".join(lines) + "\n"
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moebench.targets", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m moebench.targets",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("run", help="a run file written by `nox -s bench`")
+    parser.add_argument(
+        "--kernels",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="rerun each missed target's worst point and list its N largest kernels",
+    )
     args = parser.parse_args(argv)
     try:
         env, frame = load_run(args.run)
@@ -147,6 +207,8 @@ def main(argv=None) -> int:
         print(f"targets: {e}", file=sys.stderr)
         return 2
     print(markdown(env, frame))
+    if args.kernels:
+        print(breakdowns(env, frame, args.kernels))
     return 0
 
 

@@ -1,5 +1,6 @@
 import pandas as pd
 import pytest
+import torch
 
 from moebench import sweep, targets
 
@@ -105,3 +106,39 @@ def test_a_bad_run_file_is_one_line_and_exit_2(tmp_path, capsys, content):
     captured = capsys.readouterr()
     assert captured.err.startswith(f"targets: {path}: ") and captured.err.count("\n") == 1
     assert captured.out == ""
+
+
+def test_kernels_rerun_each_missed_targets_worst_point(tmp_path, capsys):
+    """--kernels N reruns the worst point of each missed target on the run's profile (tiny:
+    the CPU, where triton runs under the interpreter) and lists its N largest ops; a point
+    that the profile no longer has is named instead."""
+    env = {"profile": "tiny", "ceilings": {"copy_bytes": 3e12}}
+    shape = dict(T=64, D=32, F=16, E=16, K=4, dtype="float32")
+    records = [
+        record("scale-out", "E=16", "triton", time_ms=0.9, roofline_fraction=0.3, **shape),
+        record("scale-out", "E=16", "sorted", time_ms=1.0, **shape),
+        record("iso-params", "E=99", "triton", time_ms=1.0, **shape),
+        record("iso-params", "E=99", "sorted", time_ms=0.5, **shape),
+    ]
+    run = sweep.write_run(tmp_path / "run-1.json", env, records)
+    assert targets.main([str(run), "--kernels", "3"]) == 0
+    out = capsys.readouterr().out
+    _, _, listing = out.partition("Where the triton layer's time goes")
+    speed, _, roofline = listing.partition("scale-out E=16 random: worst for fraction of roofline")
+    assert "iso-params E=99 random: worst for speed vs sorted (x)" in speed
+    assert "no breakdown: ValueError: profile tiny has no point iso-params E=99 here" in speed
+    if torch.cuda.is_available():  # the tiny profile runs on the CPU, without the interpreter
+        assert "needs a CUDA device" in roofline
+    else:  # the total, a header, three ops
+        assert "us per call in" in roofline and len(roofline.strip().splitlines()) == 1 + 2 + 3
+
+
+def test_kernels_with_no_target_missed_reruns_nothing():
+    met = frame(triton_ms=0.9, decode_ms=1.2, replay_ms=(0.9, 1.2))
+    assert targets.breakdowns(ENV, met, 8) == "No target missed: no point to rerun.\n"
+
+
+def test_kernels_must_not_be_negative(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        targets.main([str(tmp_path / "run-1.json"), "--kernels", "-1"])
+    assert exit_.value.code == 2 and "must be >= 0, got -1" in capsys.readouterr().err
