@@ -11,8 +11,10 @@ strides, sizes divisible by 16).
 
 Covered: the forward kernels and the backward's SwiGLU kernel on both paths at every
 prefill tile height, each with the configs its pruning keeps for narrow, middle and wide
-experts; the fixed big-tile configs; the weight-gradient kernel (dx reuses the down kernel);
-the schedule's kernels (sorted and counted), at their fixed block sizes.
+experts, and again with LOOP (the programs loop over their items) at the heights where
+the layer may loop (up to fused.LOOP_MAX_M rows); the fixed big-tile configs; the
+weight-gradient kernel (dx reuses the down kernel); the schedule's kernels (sorted and
+counted), at their fixed block sizes.
 
     python -m moebench.compile_check [--only KERNEL] [--jobs N]   # TRITON_INTERPRET unset
 """
@@ -38,7 +40,7 @@ SMEM_LIMIT = 227 * 1024
 TILE_HEIGHTS = (16, 32, 64, 128)  # what fused._block_m can choose for prefill
 EXPERT_WIDTHS = (8, 32, 64, 1024)  # F for the pruning: narrow, middle, wide experts
 # Argument sizes: multiples of 16 like the real shapes, so they specialize the same way.
-D, F, K, E, T_BUCKET, SLOTS = 4096, 1024, 8, 64, 4096, 1000
+D, F, K, E, T_BUCKET = 4096, 1024, 8, 64, 4096
 S = T_BUCKET * K
 KERNELS = ("gate_up", "down", "swiglu_backward", "expert_grad", "schedule")
 
@@ -121,9 +123,16 @@ def cases(only: str | None = None) -> list[Case]:
         prune = fused._prune(kernel)
         for path, heights in (("decode", (16,)), ("prefill", TILE_HEIGHTS)):
             configs = configs_of(path)
-            for bm in heights:
-                kept = {id(c) for f in EXPERT_WIDTHS for c in prune(configs, {"F": f}, BLOCK_M=bm)}
-                out += [Case(kernel, path, bm, c.all_kwargs()) for c in configs if id(c) in kept]
+            for bm, loop in [(bm, False) for bm in heights] + [
+                (bm, True) for bm in heights if bm <= fused.LOOP_MAX_M
+            ]:
+                flags = {"BLOCK_M": bm, "LOOP": loop}
+                kept = {id(c) for f in EXPERT_WIDTHS for c in prune(configs, {"F": f}, **flags)}
+                out += [
+                    Case(kernel, path, bm, {**c.all_kwargs(), **({"LOOP": True} if loop else {})})
+                    for c in configs
+                    if id(c) in kept
+                ]
     names = {
         fused._gate_up_kernel: "gate_up",
         fused._down_kernel: "down",
@@ -153,8 +162,8 @@ def _launch_args(case: Case):
     """The kernel and its arguments (dtypes stand for tensors), as the layer passes them."""
     fused = _fused()
     bf16, i64, f32 = torch.bfloat16, torch.int64, torch.float32
-    tiles = (i64, i64, i64)  # tile_expert, tile_start, tile_end
-    sizes = (D, F, K, E, T_BUCKET, 0, SLOTS)  # ..., slot0, num_tiles
+    tiles = (i64, i64, i64, i64)  # tile_expert, tile_start, tile_end, tile_count
+    sizes = (D, F, K, E, T_BUCKET, 0, 1)  # ..., slot0, section
     c, base = case.config, torch.empty(8, dtype=bf16)  # a descriptor's base: only its dtype
 
     def desc(rows, cols, box):  # a TMA config's descriptor over a [rows, cols] bf16 matrix
@@ -179,9 +188,10 @@ def _launch_args(case: Case):
         kernels = {
             "rows": (fused._expert_rows_kernel, (i64, i64, i64, S, E, 16, 128, 16)),
             "slots": (
-                fused._tile_slots_kernel, (i64, i64, i64, i64, i64, i64, n, E, S // 128, 128, 7)
+                fused._tile_slots_kernel,
+                (i64, i64, i64, i64, i64, i64, i64, n, E, S // 128, 128, 7),
             ),
-            "counted": (fused._counted_schedule_kernel, (i64,) * 6 + (512, E, n)),
+            "counted": (fused._counted_schedule_kernel, (i64,) * 7 + (512, E, n)),
         }  # fmt: skip
         kernel, args = kernels[case.variant]
         return kernel, args, {}
@@ -242,6 +252,7 @@ def format_table(results: list[Result]) -> str:
         block_m = r.case.block_m or c.get("BLOCK_M")
         variant = r.case.variant + ("/tma" if c.get("TMA") else "")
         variant += f"/x{c['N_BLOCKS']}" if c.get("N_BLOCKS", 1) > 1 else ""
+        variant += "/loop" if c.get("LOOP") else ""
         width = c.get("BLOCK_N", c.get("BLOCK_E", c.get("BLOCK_SLOTS", c.get("BLOCK"))))
         inner = c.get("BLOCK_K", c.get("BLOCK_C", c.get("CHUNK", 0)))
         verdict = "ok" if r.ok else (r.error or f"SPILLS {r.spill_bytes} B")

@@ -8,8 +8,12 @@ moe_align_block_size and ScatterMoE's scatter2scatter). The schedule is one sort
 small kernels (one counting kernel for the few pairs of decode, none for a single token),
 with shapes known from the input shapes alone: no host synchronisation, so the layer can be
 captured in a CUDA graph.
-The grid has room for the most tiles any routing can produce, cdiv(S, BLOCK_M) + min(E, S);
-programs past the real tile count exit at once.
+The schedule has room for the most tiles any routing can produce, cdiv(S, BLOCK_M) +
+min(E, S) slots, and counts its real tiles on the device; a program takes one (tile, column
+block) item of the real tiles. Where the tiles are short (up to 32 rows) and the slots more
+than twice cdiv(S, BLOCK_M), most may stay empty (`collapse` over 8192 experts): there the
+programs are no more than cdiv(S, BLOCK_M) tiles' worth (unless the GPU holds more at once)
+and loop over the items.
 BLOCK_M follows the average expert load, which is the wrong height for the few experts that
 hold most rows under skewed routing (`collapse`, `hot`): prefill schedules with BLOCK_M < 128
 therefore cut each expert's full 128-row blocks into tall tiles, launched apart (S // 128
@@ -107,13 +111,17 @@ def _expert_rows_kernel(
 
 @triton.jit
 def _tile_slots_kernel(
-    offsets_ptr, tiles_ptr, tile_end_ptr, expert_ptr, start_ptr, end_ptr, N, E, big_slots, big_m,
-    SEARCH_STEPS, BLOCK_M: tl.constexpr, BLOCK_SLOTS: tl.constexpr,
+    offsets_ptr, tiles_ptr, tile_end_ptr, expert_ptr, start_ptr, end_ptr, count_ptr, N, E,
+    big_slots, big_m, SEARCH_STEPS, BLOCK_M: tl.constexpr, BLOCK_SLOTS: tl.constexpr,
 ):  # fmt: skip
     # Slots [0, big_slots) hold big_m-row tiles, the others BLOCK_M-row tiles; within its
     # section, slot n belongs to the first expert whose running tile count passes n. Slots
     # past a section's real tiles get start == end == 0 (and the last expert, so that loads
     # stay in range). A big tile ends at its expert's last row: it may hold fewer than big_m.
+    # count gets each height's tile count: the last of its running counts.
+    if tl.program_id(0) == 0:
+        o_2 = tl.arange(0, 2)
+        tl.store(count_ptr + o_2, tl.load(tile_end_ptr + o_2 * E + E - 1))
     o_n = tl.program_id(0) * BLOCK_SLOTS + tl.arange(0, BLOCK_SLOTS)
     small = o_n >= big_slots
     o_local = tl.where(small, o_n - big_slots, o_n)
@@ -143,7 +151,7 @@ def _tile_slots_kernel(
 
 @triton.jit
 def _counted_schedule_kernel(
-    ids_ptr, order_ptr, offsets_ptr, expert_ptr, start_ptr, end_ptr, S, E, N,
+    ids_ptr, order_ptr, offsets_ptr, expert_ptr, start_ptr, end_ptr, count_ptr, S, E, N,
     BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
     # The whole one-height schedule of a few pairs by counting, with no sort: program i
@@ -184,6 +192,10 @@ def _counted_schedule_kernel(
     tl.store(expert_ptr + slot, id_p.to(tl.int64), mask=head)
     tl.store(start_ptr + slot, rank.to(tl.int64), mask=head)
     tl.store(end_ptr + slot, tl.minimum(rank + BLOCK_M, less + count).to(tl.int64), mask=head)
+    # The tile counts of the (empty) big section and of this one, as the sorted schedule has.
+    first = o_i == 0
+    tl.store(count_ptr + o_i, zero.to(tl.int64), mask=first)
+    tl.store(count_ptr + 1 + o_i, heads.to(tl.int64), mask=first)
     # Slots past the real tiles: empty, on the last expert, as _tile_slots_kernel leaves them.
     idle = (o_i >= heads) & (o_i < N)
     tl.store(expert_ptr + o_i, (zero + E - 1).to(tl.int64), mask=idle)
@@ -205,20 +217,49 @@ def _tile_coords(pid, num_tiles, num_blocks_n, GROUP_SIZE_M: tl.constexpr):
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, w_ptr, h_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr, w_desc,
-    D, F, K, E, T_BUCKET, slot0, num_tiles,
+    x_ptr, w_ptr, h_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
+    tile_count_ptr, w_desc, D, F, K, E, T_BUCKET, slot0, section,
     stride_xt, stride_xd, stride_we, stride_wf, stride_wd, stride_hs, stride_hf,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_SIZE_M: tl.constexpr, TMA: tl.constexpr = False,
+    GROUP_SIZE_M: tl.constexpr, TMA: tl.constexpr = False, LOOP: tl.constexpr = False,
+):  # fmt: skip
+    # An item per program, or with LOOP every num_programs-th item: (tile, column block)
+    # pairs of the section's real tiles, count_2[section] of them.
+    num_tiles = tl.load(tile_count_ptr + section).to(tl.int32)
+    num_blocks_n = (F + BLOCK_N - 1) // BLOCK_N
+    items = num_tiles * num_blocks_n
+    if LOOP:
+        for item in range(tl.program_id(0), items, tl.num_programs(0)):
+            _gate_up_tile(
+                item, num_tiles, num_blocks_n, x_ptr, w_ptr, h_ptr, order_ptr, tile_expert_ptr,
+                tile_start_ptr, tile_end_ptr, w_desc, D, F, K, slot0, stride_xt, stride_xd,
+                stride_we, stride_wf, stride_wd, stride_hs, stride_hf, BLOCK_M, BLOCK_N,
+                BLOCK_K, GROUP_SIZE_M, TMA,
+            )  # fmt: skip
+    else:
+        if tl.program_id(0) < items:
+            _gate_up_tile(
+                tl.program_id(0), num_tiles, num_blocks_n, x_ptr, w_ptr, h_ptr, order_ptr,
+                tile_expert_ptr, tile_start_ptr, tile_end_ptr, w_desc, D, F, K, slot0,
+                stride_xt, stride_xd, stride_we, stride_wf, stride_wd, stride_hs, stride_hf,
+                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_SIZE_M, TMA,
+            )  # fmt: skip
+
+
+@triton.jit
+def _gate_up_tile(
+    item, num_tiles, num_blocks_n, x_ptr, w_ptr, h_ptr, order_ptr, tile_expert_ptr,
+    tile_start_ptr, tile_end_ptr, w_desc, D, F, K, slot0,
+    stride_xt, stride_xd, stride_we, stride_wf, stride_wd, stride_hs, stride_hf,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_SIZE_M: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     # TMA: the weights come through w_desc, gate_up as [E * 2F, D] in [BLOCK_N, BLOCK_K]
     # boxes (rows past an expert's gate or up half belong to the next half or expert: their
     # columns are not stored; past E * 2F, and past D, the box reads zeros).
-    i_m, i_n = _tile_coords(tl.program_id(0), num_tiles, (F + BLOCK_N - 1) // BLOCK_N, GROUP_SIZE_M)
+    i_m, i_n = _tile_coords(item, num_tiles, num_blocks_n, GROUP_SIZE_M)
     row_start = tl.load(tile_start_ptr + slot0 + i_m)
     row_end = tl.load(tile_end_ptr + slot0 + i_m)
-    if row_start >= row_end:
-        return
     i_e = tl.load(tile_expert_ptr + slot0 + i_m)
 
     o_m = row_start + tl.arange(0, BLOCK_M)
@@ -258,23 +299,51 @@ def _gate_up_kernel(
 @triton.jit
 def _down_kernel(
     h_ptr, w_ptr, y_ptr, order_ptr, routing_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
-    h_desc, w_desc, D, F, K, E, T_BUCKET, slot0, num_tiles,
+    tile_count_ptr, h_desc, w_desc, D, F, K, E, T_BUCKET, slot0, section,
     stride_hs, stride_hf, stride_we, stride_wd, stride_wf, stride_yr, stride_yd,
     WEIGHTED: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
-    TMA: tl.constexpr = False, N_BLOCKS: tl.constexpr = 1,
+    TMA: tl.constexpr = False, N_BLOCKS: tl.constexpr = 1, LOOP: tl.constexpr = False,
+):  # fmt: skip
+    # Items as in _gate_up_kernel: (tile, group of N_BLOCKS column blocks) pairs.
+    num_tiles = tl.load(tile_count_ptr + section).to(tl.int32)
+    num_groups_n = ((D + BLOCK_N - 1) // BLOCK_N + N_BLOCKS - 1) // N_BLOCKS
+    items = num_tiles * num_groups_n
+    if LOOP:
+        for item in range(tl.program_id(0), items, tl.num_programs(0)):
+            _down_tile(
+                item, num_tiles, num_groups_n, h_ptr, w_ptr, y_ptr, order_ptr, routing_ptr,
+                tile_expert_ptr, tile_start_ptr, tile_end_ptr, h_desc, w_desc, D, F, K, slot0,
+                stride_hs, stride_hf, stride_we, stride_wd, stride_wf, stride_yr, stride_yd,
+                WEIGHTED, ATOMIC, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_SIZE_M, TMA, N_BLOCKS,
+            )  # fmt: skip
+    else:
+        if tl.program_id(0) < items:
+            _down_tile(
+                tl.program_id(0), num_tiles, num_groups_n, h_ptr, w_ptr, y_ptr, order_ptr,
+                routing_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr, h_desc, w_desc, D,
+                F, K, slot0, stride_hs, stride_hf, stride_we, stride_wd, stride_wf, stride_yr,
+                stride_yd, WEIGHTED, ATOMIC, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_SIZE_M, TMA,
+                N_BLOCKS,
+            )  # fmt: skip
+
+
+@triton.jit
+def _down_tile(
+    item, num_tiles, num_groups_n, h_ptr, w_ptr, y_ptr, order_ptr, routing_ptr,
+    tile_expert_ptr, tile_start_ptr, tile_end_ptr, h_desc, w_desc, D, F, K, slot0,
+    stride_hs, stride_hf, stride_we, stride_wd, stride_wf, stride_yr, stride_yd,
+    WEIGHTED: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
+    TMA: tl.constexpr, N_BLOCKS: tl.constexpr,
 ):  # fmt: skip
     # TMA: h through h_desc ([S, F], [BLOCK_M, BLOCK_K] boxes at the tile's first row: rows
     # past the tile are other experts' rows, computed and not stored) and the weights
     # through w_desc (down as [E * D, F], [BLOCK_N, BLOCK_K] boxes); past F the boxes read
-    # zeros. A program covers N_BLOCKS consecutive BLOCK_N column blocks, one after another.
-    num_blocks_n = (D + BLOCK_N - 1) // BLOCK_N
-    num_groups_n = (num_blocks_n + N_BLOCKS - 1) // N_BLOCKS
-    i_m, i_g = _tile_coords(tl.program_id(0), num_tiles, num_groups_n, GROUP_SIZE_M)
+    # zeros. An item covers N_BLOCKS consecutive BLOCK_N column blocks, one after another.
+    i_m, i_g = _tile_coords(item, num_tiles, num_groups_n, GROUP_SIZE_M)
     row_start = tl.load(tile_start_ptr + slot0 + i_m)
     row_end = tl.load(tile_end_ptr + slot0 + i_m)
-    if row_start >= row_end:
-        return
     i_e = tl.load(tile_expert_ptr + slot0 + i_m)
 
     o_m = row_start + tl.arange(0, BLOCK_M)
@@ -315,21 +384,52 @@ def _down_kernel(
 @triton.jit
 def _swiglu_backward_kernel(
     x_ptr, dy_ptr, w1_ptr, w2_ptr, routing_ptr, dgu_ptr, dw_ptr, order_ptr, tile_expert_ptr,
-    tile_start_ptr, tile_end_ptr,
-    D, F, K, E, T_BUCKET, slot0, num_tiles,
+    tile_start_ptr, tile_end_ptr, tile_count_ptr,
+    D, F, K, E, T_BUCKET, slot0, section,
+    stride_xt, stride_xd, stride_dyt, stride_dyd, stride_w1e, stride_w1f, stride_w1d,
+    stride_w2e, stride_w2d, stride_w2f, stride_gs, stride_gf, stride_dwn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_SIZE_M: tl.constexpr, LOOP: tl.constexpr = False,
+):  # fmt: skip
+    # Items as in _gate_up_kernel. int64 index math: done once per item, so free when
+    # compiled, while the interpreter spends about a quarter of this kernel's time checking
+    # int32 products for overflow.
+    num_tiles = tl.load(tile_count_ptr + section)
+    num_blocks_n = (F + BLOCK_N - 1) // BLOCK_N
+    items = num_tiles * num_blocks_n
+    pid = tl.program_id(0).to(tl.int64)
+    if LOOP:
+        for item in range(pid, items, tl.num_programs(0)):
+            _swiglu_backward_tile(
+                item, num_tiles, num_blocks_n, x_ptr, dy_ptr, w1_ptr, w2_ptr, routing_ptr,
+                dgu_ptr, dw_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr, F,
+                K, slot0, D, stride_xt, stride_xd, stride_dyt, stride_dyd, stride_w1e,
+                stride_w1f, stride_w1d, stride_w2e, stride_w2d, stride_w2f, stride_gs,
+                stride_gf, stride_dwn, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_SIZE_M,
+            )  # fmt: skip
+    else:
+        if pid < items:
+            _swiglu_backward_tile(
+                pid, num_tiles, num_blocks_n, x_ptr, dy_ptr, w1_ptr, w2_ptr, routing_ptr,
+                dgu_ptr, dw_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr, F,
+                K, slot0, D, stride_xt, stride_xd, stride_dyt, stride_dyd, stride_w1e,
+                stride_w1f, stride_w1d, stride_w2e, stride_w2d, stride_w2f, stride_gs,
+                stride_gf, stride_dwn, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_SIZE_M,
+            )  # fmt: skip
+
+
+@triton.jit
+def _swiglu_backward_tile(
+    item, num_tiles, num_blocks_n, x_ptr, dy_ptr, w1_ptr, w2_ptr, routing_ptr, dgu_ptr,
+    dw_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr, F, K, slot0, D,
     stride_xt, stride_xd, stride_dyt, stride_dyd, stride_w1e, stride_w1f, stride_w1d,
     stride_w2e, stride_w2d, stride_w2f, stride_gs, stride_gf, stride_dwn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr,
 ):  # fmt: skip
-    # int64 index math: done once per program, so free when compiled, while the interpreter
-    # spends about a quarter of this kernel's time checking int32 products for overflow.
-    pid = tl.program_id(0).to(tl.int64)
-    i_m, i_n = _tile_coords(pid, num_tiles, (F + BLOCK_N - 1) // BLOCK_N, GROUP_SIZE_M)
+    i_m, i_n = _tile_coords(item, num_tiles, num_blocks_n, GROUP_SIZE_M)
     row_start = tl.load(tile_start_ptr + slot0 + i_m)
     row_end = tl.load(tile_end_ptr + slot0 + i_m)
-    if row_start >= row_end:
-        return
     i_e = tl.load(tile_expert_ptr + slot0 + i_m)
 
     o_m = row_start + tl.arange(0, BLOCK_M)
@@ -527,6 +627,10 @@ def _prune(kernel):
     def prune(configs, nargs, **kwargs):
         if kwargs["BLOCK_M"] < 64:
             configs = [c for c in configs if not c.kwargs.get("TMA")]
+        if kernel == "swiglu_backward" and kwargs.get("LOOP") and kwargs["BLOCK_M"] >= 32:
+            # Looping, 32 x 32 x 128 (4 warps, 2 stages) takes 255 registers and spills 40 B,
+            # where one item a program takes 202 (ptxas, sm_90, triton 3.6).
+            configs = [c for c in configs if c.kwargs["BLOCK_K"] < 128]
         if kernel == "down":  # column blocks in a loop: one-step reductions, short tiles
             configs = [
                 c for c in configs
@@ -693,7 +797,8 @@ class TileSchedule(NamedTuple):
 
     Expert e owns sorted rows [offsets_E1[e], offsets_E1[e + 1]). Tile n covers sorted rows
     [start_N[n], end_N[n]) of expert expert_N[n]; slots past the real tile count have
-    start == end == 0. With two heights, the first big_slots(S, big_m, tall_over) slots hold
+    start == end == 0; each height's real tiles come first in its slots, count_2 of them.
+    With two heights, the first big_slots(S, big_m, tall_over) slots hold
     tiles of big_m rows over each expert's full big_m blocks (and, with tall_over, one tile
     of up to big_m rows over an expert's rest of more than tall_over rows), the others tiles
     of at most BLOCK_M rows over the rest.
@@ -704,6 +809,7 @@ class TileSchedule(NamedTuple):
     expert_N: torch.Tensor  # [N] expert of each tile slot
     start_N: torch.Tensor  # [N] first sorted row of each tile slot
     end_N: torch.Tensor  # [N] one past its last sorted row
+    count_2: torch.Tensor  # [2] int64: real tiles of the big-tile slots, then of the others
 
 
 def big_slots(S, big_m, tall_over=0):
@@ -763,12 +869,13 @@ def tile_schedule(ids_TK, num_experts, block_m, big_m=0, tall_over=0):
     if not big_m and S <= COUNTED_MAX_PAIRS:
         new = lambda n: ids_S.new_empty(n, dtype=torch.int64)
         order_S, offsets_E1, expert_N, start_N, end_N = new(S), new(E + 1), new(N), new(N), new(N)
+        count_2 = new(2)
         blocks = SCHEDULE_BLOCKS[_counted_schedule_kernel]
         _counted_schedule_kernel[(_cdiv(max(E + 1, S, N), blocks["BLOCK"]),)](
-            ids_S, order_S, offsets_E1, expert_N, start_N, end_N, S, E, N, BLOCK_M=block_m,
-            **blocks,
+            ids_S, order_S, offsets_E1, expert_N, start_N, end_N, count_2, S, E, N,
+            BLOCK_M=block_m, **blocks,
         )  # fmt: skip
-        return TileSchedule(order_S, offsets_E1, expert_N, start_N, end_N)
+        return TileSchedule(order_S, offsets_E1, expert_N, start_N, end_N, count_2)
     sorted_ids_S, order_S = torch.sort(ids_S, stable=True)
     offsets_E1 = torch.empty(E + 1, device=ids_S.device, dtype=torch.int64)
     tiles_2E = torch.empty(2, E, device=ids_S.device, dtype=torch.int64)
@@ -781,16 +888,18 @@ def tile_schedule(ids_TK, num_experts, block_m, big_m=0, tall_over=0):
     )  # fmt: skip
     tile_end_2E = torch.cumsum(tiles_2E, 1)
     expert_N, start_N, end_N = (order_S.new_empty(N) for _ in range(3))
+    count_2 = order_S.new_empty(2)
     blocks = SCHEDULE_BLOCKS[_tile_slots_kernel]
     _tile_slots_kernel[(_cdiv(N, blocks["BLOCK_SLOTS"]),)](
-        offsets_E1, tiles_2E, tile_end_2E, expert_N, start_N, end_N, N, E,
+        offsets_E1, tiles_2E, tile_end_2E, expert_N, start_N, end_N, count_2, N, E,
         big_slots(S, big_m, tall_over), height, E.bit_length(), BLOCK_M=block_m, **blocks,
     )  # fmt: skip
-    return TileSchedule(order_S, offsets_E1, expert_N, start_N, end_N)
+    return TileSchedule(order_S, offsets_E1, expert_N, start_N, end_N, count_2)
 
 
-# (rows 0..S-1, rows 1..S) of each device's one-token schedules: constants, made once.
-_PAIR_ROWS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+# (rows 0..S-1, rows 1..S, tile counts [0, S]) of each device's one-token schedules:
+# constants, made once.
+_PAIR_ROWS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
 def pair_tiles(ids_TK):
@@ -810,12 +919,14 @@ def pair_tiles(ids_TK):
     rows = _PAIR_ROWS.get(key)
     if rows is None:
         rows_S1 = torch.arange(S + 1, device=ids_S.device)
-        rows = rows_S1[:S], rows_S1[1:]
+        # [0, S] by a kernel, not a host copy: this may run while a CUDA graph is captured.
+        count_2 = torch.arange(0, 2 * S, S, device=ids_S.device)
+        rows = rows_S1[:S], rows_S1[1:], count_2
         capturing = ids_S.is_cuda and torch.cuda.is_current_stream_capturing()
         if not capturing:  # not in memory that a CUDA graph's pool owns
             _PAIR_ROWS[key] = rows
-    first_S, end_S = rows
-    return TileSchedule(first_S, None, ids_S, first_S, end_S)
+    first_S, end_S, count_2 = rows
+    return TileSchedule(first_S, None, ids_S, first_S, end_S, count_2)
 
 
 # torch.compile keeps the schedule's kernels as one graph node (it cannot trace launches of
@@ -823,7 +934,7 @@ def pair_tiles(ids_TK):
 @torch.library.custom_op("moebench::tile_schedule", mutates_args=())
 def _tile_schedule_op(
     ids_TK: torch.Tensor, num_experts: int, block_m: int, big_m: int, tall_over: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return tuple(tile_schedule(ids_TK, num_experts, block_m, big_m, tall_over))
 
 
@@ -832,16 +943,57 @@ def _(ids_TK, num_experts, block_m, big_m, tall_over):
     S = ids_TK.numel()
     N = tile_slots(S, num_experts, block_m, big_m, tall_over)
     new = lambda n: ids_TK.new_empty(n, dtype=torch.int64)
-    return new(S), new(num_experts + 1), new(N), new(N), new(N)
+    return new(S), new(num_experts + 1), new(N), new(N), new(N), new(2)
 
 
 class Section(NamedTuple):
-    """One launch of a tile kernel: slots [slot0, slot0 + slots), tiles of block_m rows."""
+    """One launch of a tile kernel: slots [slot0, slot0 + slots), tiles of block_m rows.
+
+    Its programs loop over the (tile, column block) items of its real tiles, count_2[count]
+    of them (read on the device); `programs` gives how many programs there are.
+    """
 
     slot0: int
     slots: int
     block_m: int
     fixed: dict | None  # the big tiles' config by kernel; None: tuned
+    count: int  # index in the schedule's count_2: 0 big tiles, 1 the others
+    packed: int  # tiles that the S rows would fill at block_m rows each: cdiv(S, block_m)
+    floor: int  # programs that the device runs at once (at most)
+
+    @property
+    def loop(self) -> bool:
+        """Whether the programs loop (the kernels' LOOP): for short tiles, where the slots
+        are more than twice the tiles that S rows make at block_m rows each, so that most
+        may stay empty. Taller tiles have fewer slots per row; at most 2x their programs
+        stay empty, and looping costs their configs registers (ptxas, sm_90)."""
+        return self.block_m <= LOOP_MAX_M and self.slots > 2 * self.packed
+
+    def programs(self, blocks):
+        """A program per slot's `blocks` items; where they loop, as many as S rows make in
+        full tiles, if that is fewer (many experts, each a few rows, make more tiles), but
+        not fewer than the device runs at once. An empty slot's program cost about a
+        nanosecond of the whole H200 (scale-out collapse at E=8192: 0.3 of 0.75 ms)."""
+        if not self.loop:
+            return self.slots * blocks
+        return min(self.slots * blocks, max(self.packed * blocks, self.floor))
+
+
+# The tallest tiles whose programs may loop (Section.loop).
+LOOP_MAX_M = 32
+# Thread blocks an SM holds at most (Hopper); the interpreter uses two programs, so that
+# tests run the programs' loops.
+_BLOCKS_PER_SM = 32
+_FLOORS: dict[torch.device, int] = {}
+
+
+def _floor(device):
+    """Programs that `device` runs at once, at most."""
+    floor = _FLOORS.get(device)
+    if floor is None:
+        sms = 1 if _INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
+        floor = _FLOORS[device] = 2 if _INTERPRET else sms * _BLOCKS_PER_SM
+    return floor
 
 
 def _tall_over(path, block_m):
@@ -852,15 +1004,17 @@ def _tall_over(path, block_m):
 def _sections(schedule, block_m, big_m, path):
     """The launches over a schedule: the big-tile slots (if any), then the others.
 
-    Compiled kernels launch every slot (no host sync). The interpreter runs every program
-    in Python, empty slots too, so there each section launches only its real tiles (a
-    prefix of the section); on the CPU the host sync that counts them is free.
+    Compiled kernels are launched for every slot (Section.programs; no host sync). The
+    interpreter runs every program in Python, empty ones too, so there each section covers
+    only its real tiles (a prefix of the section); on the CPU the host sync that counts
+    them is free.
     """
     S, N = schedule.order_S.numel(), schedule.expert_N.numel()
     big = big_slots(S, big_m, _tall_over(path, block_m))
-    sections = [Section(big, N - big, block_m, None)]
+    floor = _floor(schedule.order_S.device)
+    sections = [Section(big, N - big, block_m, None, 1, _cdiv(S, block_m), floor)]
     if big:
-        sections.insert(0, Section(0, big, big_m, _BIG_CONFIG[path]))
+        sections.insert(0, Section(0, big, big_m, _BIG_CONFIG[path], 0, _cdiv(S, big_m), floor))
     if _INTERPRET:
         sections = [
             s._replace(slots=int(schedule.end_N[s.slot0 : s.slot0 + s.slots].count_nonzero()))
@@ -870,21 +1024,25 @@ def _sections(schedule, block_m, big_m, path):
 
 
 def _tile_launch(tuner, section, width, args, key, descriptors=None, **constexprs):
-    """A tile kernel over one section: a program per (tile slot, BLOCK_N block of width), or
-    per N_BLOCKS such blocks where the config sets N_BLOCKS (down).
+    """A tile kernel over one section's items: (tile, BLOCK_N block of width), or (tile,
+    N_BLOCKS such blocks) where the config sets N_BLOCKS (down); section.programs of them.
 
     descriptors: the launch's TMA descriptors by argument name (tuned sections only).
     """
     grid = lambda meta: (
-        section.slots * _cdiv(_cdiv(width, meta["BLOCK_N"]), meta.get("N_BLOCKS", 1)),
+        section.programs(_cdiv(_cdiv(width, meta["BLOCK_N"]), meta.get("N_BLOCKS", 1))),
     )
     if section.fixed is None:
         fit = None
         if descriptors:
             fit = lambda c: _fit_descriptors({"BLOCK_M": section.block_m, **c, **descriptors})
-        return _launch(tuner, grid, args, key, fit, BLOCK_M=section.block_m, **constexprs)
+        return _launch(
+            tuner, grid, args, key, fit, BLOCK_M=section.block_m, LOOP=section.loop, **constexprs
+        )
     config = section.fixed[tuner.fn]
-    tuner.fn[grid(config)](*args, BLOCK_M=section.block_m, **constexprs, **config)
+    tuner.fn[grid(config)](
+        *args, BLOCK_M=section.block_m, LOOP=section.loop, **constexprs, **config
+    )
     return config
 
 
@@ -908,8 +1066,9 @@ def gate_up_swiglu(x_TD, gate_up_E2FD, schedule, sections, top_k, path, t_bucket
         d = descs if section.fixed is None else {}  # big tiles: a fixed pointer config
         args = (
             x_TD, gate_up_E2FD, h_SF, schedule.order_S, schedule.expert_N, schedule.start_N,
-            schedule.end_N, d.get("w_desc"), D, F, top_k, E, t_bucket, section.slot0,
-            section.slots, *x_TD.stride(), *gate_up_E2FD.stride(), *h_SF.stride(),
+            schedule.end_N, schedule.count_2, d.get("w_desc"), D, F, top_k, E, t_bucket,
+            section.slot0, section.count, *x_TD.stride(), *gate_up_E2FD.stride(),
+            *h_SF.stride(),
         )  # fmt: skip
         key = (E, D, F, top_k, t_bucket, x_TD.dtype, gate_up_E2FD.dtype)
         config = _tile_launch(tuner, section, F, args, key, d)
@@ -956,8 +1115,9 @@ def down_combine(h_SF, down_EDF, weights_S, schedule, sections, out_TD, top_k, p
         d = descs if section.fixed is None else {}  # big tiles: a fixed pointer config
         args = (
             h_SF, down_EDF, y, schedule.order_S, weights_S, schedule.expert_N, schedule.start_N,
-            schedule.end_N, d.get("h_desc"), d.get("w_desc"), D, F, top_k, E, t_bucket,
-            section.slot0, section.slots, *h_SF.stride(), *down_EDF.stride(), *y.stride(),
+            schedule.end_N, schedule.count_2, d.get("h_desc"), d.get("w_desc"), D, F, top_k, E,
+            t_bucket, section.slot0, section.count, *h_SF.stride(), *down_EDF.stride(),
+            *y.stride(),
         )  # fmt: skip
         key = (E, D, F, top_k, t_bucket, h_SF.dtype, y.dtype, weighted and weights_S.dtype)
         config = _tile_launch(
@@ -989,8 +1149,9 @@ def swiglu_backward(dy_TD, x_TD, weights_TK, gate_up_E2FD, down_EDF, schedule, s
     for section in sections:
         args = (
             x_TD, dy_TD, gate_up_E2FD, down_EDF, weights_TK.reshape(-1), dgu_S2F, dw_partial,
-            schedule.order_S, schedule.expert_N, schedule.start_N, schedule.end_N, D, F, K, E,
-            t_bucket, section.slot0, section.slots, *x_TD.stride(), *dy_TD.stride(),
+            schedule.order_S, schedule.expert_N, schedule.start_N, schedule.end_N,
+            schedule.count_2, D, F, K, E, t_bucket, section.slot0, section.count,
+            *x_TD.stride(), *dy_TD.stride(),
             *gate_up_E2FD.stride(), *down_EDF.stride(), *dgu_S2F.stride(), dw_partial.stride(0),
         )  # fmt: skip
         key = (E, D, F, K, t_bucket, x_TD.dtype, weights_TK.dtype)
@@ -1045,11 +1206,11 @@ def _big_m(path, block_m, t_bucket):
 def _fused_moe(
     x_TD: torch.Tensor, weights_TK: torch.Tensor, gate_up_E2FD: torch.Tensor,
     down_EDF: torch.Tensor, order_S: torch.Tensor, offsets_E1: torch.Tensor,
-    expert_N: torch.Tensor, start_N: torch.Tensor, end_N: torch.Tensor, path: str,
-    block_m: int, big_m: int, combine: str,
+    expert_N: torch.Tensor, start_N: torch.Tensor, end_N: torch.Tensor, count_2: torch.Tensor,
+    path: str, block_m: int, big_m: int, combine: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(y_TD, h_SF): the forward kernels, keeping h for the backward."""
-    schedule = TileSchedule(order_S, offsets_E1, expert_N, start_N, end_N)
+    schedule = TileSchedule(order_S, offsets_E1, expert_N, start_N, end_N, count_2)
     sections = _sections(schedule, block_m, big_m, path)
     T, K = weights_TK.shape
     t_bucket = _pow2(T)
@@ -1072,11 +1233,12 @@ def _fused_moe_backward(
     dy_TD: torch.Tensor, x_TD: torch.Tensor, weights_TK: torch.Tensor,
     gate_up_E2FD: torch.Tensor, down_EDF: torch.Tensor, h_SF: torch.Tensor,
     order_S: torch.Tensor, offsets_E1: torch.Tensor, expert_N: torch.Tensor,
-    start_N: torch.Tensor, end_N: torch.Tensor, path: str, block_m: int, big_m: int,
-    combine: str, need_x: bool, need_weights: bool, need_gate_up: bool, need_down: bool,
+    start_N: torch.Tensor, end_N: torch.Tensor, count_2: torch.Tensor, path: str, block_m: int,
+    big_m: int, combine: str, need_x: bool, need_weights: bool, need_gate_up: bool,
+    need_down: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(dx_TD, dweights_TK, dgate_up_E2FD, ddown_EDF); an unneeded one is an empty tensor."""
-    schedule = TileSchedule(order_S, offsets_E1, expert_N, start_N, end_N)
+    schedule = TileSchedule(order_S, offsets_E1, expert_N, start_N, end_N, count_2)
     sections = _sections(schedule, block_m, big_m, path)
     T, K = weights_TK.shape
     E = gate_up_E2FD.shape[0]
@@ -1124,7 +1286,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy_TD, _dh_SF):
     need = ctx.needs_input_grad[:4]
     grads = _fused_moe_backward(dy_TD, *ctx.saved_tensors, *ctx.options, *need)
-    return *(g if n else None for g, n in zip(grads, need, strict=True)), *([None] * 9)
+    return *(g if n else None for g, n in zip(grads, need, strict=True)), *([None] * 10)
 
 
 _fused_moe.register_autograd(_backward, setup_context=_setup_context)

@@ -133,6 +133,7 @@ def test_tile_schedule_covers_every_pair_once(T, E, K, hot, block_m, big_m, tall
     assert tiles["big"] == int((full_E + tall_E).sum())
     small_E = torch.where(tall_E, 0, -(-rest_E // block_m))
     assert tiles["small"] == int(small_E.sum()), "empty experts got tiles"
+    assert sched.count_2.tolist() == [tiles["big"], tiles["small"]]
     if hot and big_m:
         assert tiles["big"] > 0, "the hot expert's rows should fill big tiles"
 
@@ -215,6 +216,21 @@ def test_one_token_needs_no_schedule_launch(monkeypatch, ids, dtype):
     assert (stats["path"], stats["tile_slots"]) == ("decode", K)
     assert rel_err(out, reference(*case)) < TOLERANCE[dtype]
     assert torch.equal(out, sorted_out.detach())
+
+
+def test_programs_loop_where_most_slots_stay_empty():
+    """A section launches a program per slot's items, or as many as its S rows make in full
+    tiles where that is fewer, but never fewer than the device holds at once."""
+    # scale-out at E=8192 (S=32768, 16-row tiles, 8 column blocks) on a 132-SM GPU
+    section = fused.Section(0, 10240, 16, None, 1, packed=2048, floor=132 * 32)
+    assert section.loop and section.programs(8) == 2048 * 8
+    assert section.programs(1) == 132 * 32  # narrow experts: the floor
+    one_token = section._replace(slots=8, packed=1)  # K = 8 one-row tiles, all real
+    assert one_token.loop and one_token.programs(48) == 8 * 48
+    sonic = section._replace(slots=1088, block_m=128, packed=1024)  # T=32768, E=64, K=4
+    assert not sonic.loop and sonic.programs(16) == 1088 * 16
+    tall = section._replace(block_m=64, packed=512)  # taller tiles never loop
+    assert not tall.loop and tall.programs(8) == 10240 * 8
 
 
 def test_tile_heights_are_checked():
@@ -305,7 +321,7 @@ def test_decode_gives_a_crowded_expert_one_tall_tile(dtype):
     sched = fused.tile_schedule(case[1], E, 16, fused.DECODE_BIG_M, 16)
     tiles = [
         (e, end - start)
-        for e, start, end in zip(*(t.tolist() for t in sched[2:]), strict=True)
+        for e, start, end in zip(*(t.tolist() for t in sched[2:5]), strict=True)
         if end > start
     ]
     assert [rows for e, rows in tiles if e == 3] == [T]
