@@ -133,6 +133,29 @@ def test_kernels_rerun_each_missed_targets_worst_point(tmp_path, capsys):
         assert "us per call in" in roofline and len(roofline.strip().splitlines()) == 1 + 2 + 3
 
 
+def test_kernels_reruns_every_missed_target_when_all_were_measured(monkeypatch):
+    """Every target measured and missed: one rerun per worst point, each target named at
+    its point (the rerun itself stubbed: the listing is under test)."""
+    reruns = []
+
+    def op_breakdown(point, impl, skew, *, profile):
+        reruns.append((point.family, point.label, impl, skew, profile))
+        return [{"name": "_gate_up_kernel", "time_us": 3.0, "calls": 1.0}]
+
+    monkeypatch.setattr(targets.sweep, "op_breakdown", op_breakdown)
+    missed = frame(sonic_tflops=500.0, triton_ms=1.1, roofline=0.3, decode_ms=4.0,
+                   replay_ms=(1.1, 4.0))  # fmt: skip
+    text = targets.breakdowns(ENV, missed, 3)
+    assert reruns == [  # in the order of the targets they are worst for first
+        ("sonicmoe", "E=64/F=1024/K=4", "triton", "random", "gpu"),
+        ("models", "mixtral-8x7b/T=1", "triton", "balanced", "gpu"),  # 2 ms vs 4 ms
+        ("scale-out", "E=64", "triton", "random", "gpu"),
+    ]
+    assert "mixtral-8x7b/T=1 balanced: worst for speed vs sorted (x); decode weight" in text
+    assert "E=64 random: worst for fraction of roofline (eager); fraction of roofline (k" in text
+    assert text.count("_gate_up_kernel") == 3
+
+
 def test_kernels_with_no_target_missed_reruns_nothing():
     met = frame(triton_ms=0.9, decode_ms=1.2, replay_ms=(0.9, 1.2))
     assert targets.breakdowns(ENV, met, 8) == "No target missed: no point to rerun.\n"
