@@ -152,10 +152,10 @@ def bench(session: nox.Session) -> None:
 def targets(session: nox.Session) -> None:
     """The triton layer's targets (issue 5, set for an H100): the forward families for
     `sorted` and `triton` only, then the report (summary.md, its tuned kernels and target
-    table), the target table printed, and the 8 largest kernels of the triton layer at the
-    worst point of each target missed (rerun under torch.profiler). No asv: the run file is
-    the record. Extra args go to the sweep and override these, e.g. `-- --families models
-    --flush-l2`."""
+    table), the target table printed, and the 8 largest kernels (torch.profiler) and host
+    functions (cProfile) of the triton layer at the worst point and the median miss of each
+    target missed, rerun. No asv: the run file is the record. Extra args go to the sweep
+    and override these, e.g. `-- --families models --flush-l2`."""
     install(session, "bench")
     families = "sonicmoe,scale-out,iso-params,models"
     _, _, run = _sweep(session, "results", os.environ.get("MOEBENCH_PROFILE"),

@@ -19,7 +19,7 @@ import torch
 
 from . import grid, sweep
 from .config import PRESETS, MoEConfig, preset, torch_dtype
-from .harness import environment, format_op_times, make_timer
+from .harness import environment, make_timer
 from .layer import IMPLS
 from .routing import make_routing
 
@@ -112,7 +112,8 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="N",
-        help="also list the N kernels (ops on the CPU) that take most of a call (torch.profiler)",
+        help="also list the N kernels (ops on the CPU) that take most of a call (torch.profiler), "
+        "and on a GPU the N functions that take most of its host time (cProfile)",
     )
     return p
 
@@ -206,7 +207,7 @@ def format_table(records: list[dict]) -> str:
 
 def _print_breakdowns(points, records, args, profile) -> None:
     cuda = torch.device(profile.device).type == "cuda"
-    what = "kernels' device time" if cuda else "ops' self CPU time"
+    what = "kernels' device time, then the host's" if cuda else "ops' self CPU time"
     print(f"\nWhere a call's time goes ({what}, torch.profiler over 10 calls):")
     by_label = {point.label: point for point in points}
     for r in records:
@@ -222,7 +223,7 @@ def _print_breakdowns(points, records, args, profile) -> None:
         except Exception as e:  # the table above stands; say why there is no breakdown
             print(f"  no breakdown: {type(e).__name__}: {e}")
             continue
-        print(format_op_times(rows, args.kernels))
+        print(sweep.format_breakdown(rows, args.kernels, host=cuda))
 
 
 def main(argv=None) -> int:

@@ -247,10 +247,39 @@ def op_times(fn, device, *, calls: int = 10) -> list[dict]:
     return sorted(rows, key=lambda r: -r["time_us"])
 
 
-def format_op_times(rows: list[dict], top: int) -> str:
-    """op_times rows: the total, then the `top` largest, one per line."""
+def host_times(fn, device, *, calls: int = 10) -> list[dict]:
+    """Where the host time of one call of `fn` goes: cProfile's self time of each Python
+    function and builtin (a torch op, a kernel launcher's C entry, a driver call), per call,
+    over `calls` calls. Each call is issued with the device idle (synchronized outside the
+    profile), so that no launch waits for room in a full queue (see CudaTimer). Rows as
+    op_times's, the largest first; `fn` should be warm.
+    """
+    import cProfile
+    import pstats
+
+    cuda = torch.device(device).type == "cuda"
+    profiler = cProfile.Profile()
+    for _ in range(calls):
+        if cuda:
+            torch.cuda.synchronize(device)
+        profiler.enable()
+        fn()
+        profiler.disable()
+    if cuda:
+        torch.cuda.synchronize(device)
+    rows = []
+    for (path, line, name), (_, count, self_s, _, _) in pstats.Stats(profiler).stats.items():
+        if name == "<method 'disable' of '_lsprof.Profiler' objects>" or self_s <= 0:
+            continue
+        where = "/".join(Path(path).parts[-2:]) + f":{line} " if line else ""
+        rows.append({"name": where + name, "time_us": self_s / calls * 1e6, "calls": count / calls})
+    return sorted(rows, key=lambda r: -r["time_us"])
+
+
+def format_op_times(rows: list[dict], top: int, what: str = "kernels or ops") -> str:
+    """op_times (or host_times) rows: the total, then the `top` largest, one per line."""
     total = sum(r["time_us"] for r in rows)
-    lines = [f"  {total:.4g} us per call in {len(rows)} kernels or ops; the largest:"]
+    lines = [f"  {total:.4g} us per call in {len(rows)} {what}; the largest:"]
     lines.append(f"  {'time us':>10}  {'share':>6}  {'per call':>8}  name")
     for r in rows[:top]:
         share = r["time_us"] / total

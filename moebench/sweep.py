@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -441,10 +442,15 @@ def timing_options(p: grid.Profile, *, repeats=None, warmup=None) -> dict:
     }
 
 
+class Breakdown(NamedTuple):
+    kernels: list[dict]  # harness.op_times: kernels' device time (CUDA) or ops' CPU time
+    host: list[dict]  # harness.host_times: the host's time issuing a call, by function
+
+
 def op_breakdown(point: grid.Point, impl: str, skew: str, *, profile, calls: int = 10):
-    """harness.op_times of one forward call of `impl` on the point's inputs and routing as
-    the sweep makes them, after two untimed calls (compile, tune). Raises RuntimeError when
-    the inputs cannot be made here."""
+    """Where one forward call of `impl` spends its time on the point's inputs and routing as
+    the sweep makes them, after two untimed calls (compile, tune): a Breakdown. Raises
+    RuntimeError when the inputs cannot be made here."""
     p = grid.get_profile(profile)
     device = torch.device(p.device)
     with harness.torch_threads(p.threads):
@@ -456,7 +462,20 @@ def op_breakdown(point: grid.Point, impl: str, skew: str, *, profile, calls: int
         call = lambda: moe_forward(x_TD, routing, weights, impl=impl, check=False)
         for _ in range(2):
             call()
-        return harness.op_times(call, device, calls=calls)
+        return Breakdown(
+            harness.op_times(call, device, calls=calls),
+            harness.host_times(call, device, calls=calls),
+        )
+
+
+def format_breakdown(breakdown: Breakdown, top: int, *, host: bool) -> str:
+    """A Breakdown's `top` kernels (or CPU ops), then with `host` its `top` host functions
+    (on a GPU; on the CPU the ops are the host's time already)."""
+    text = harness.format_op_times(breakdown.kernels, top)
+    if host:
+        text += "\n  host time issuing one call onto an idle device (cProfile, self time):\n"
+        text += harness.format_op_times(breakdown.host, top, "functions")
+    return text
 
 
 def _sweep(points, impls, skews, forward, progress, checkpoint, ctx) -> list[dict]:

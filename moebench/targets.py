@@ -15,8 +15,9 @@ points, whose eager time is mostly host launch time) and the eager time elsewher
 
     python -m moebench.targets RUN.json --kernels 8
 
-also reruns the worst point of each target missed, on the run's profile (so on its device),
-and lists the 8 kernels that take most of the triton layer's call there (torch.profiler).
+also reruns the worst point and the median miss of each target missed, on the run's profile
+(so on its device), and lists the 8 kernels that take most of the triton layer's call there
+(torch.profiler) and, on a GPU, the 8 functions that take most of its host time (cProfile).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import pandas as pd
 
 from . import grid, sweep
 from .config import torch_dtype
-from .harness import format_op_times
 from .sweep import BadRun, load_run
 
 SONIC_TFLOPS = 550.0
@@ -39,20 +39,23 @@ DECODE_MAX_TOKENS = 64
 
 def _verdict(target: str, required: str, points: pd.DataFrame, value: pd.Series, met: pd.Series):
     """One target's row: the worst point decides (the lowest value; all values are
-    "higher is better")."""
+    "higher is better"). `typical` is the median of the points that miss (the lower
+    middle one), where the worst is often an extreme of its own."""
     if points.empty:
         return {"target": target, "required": required, "worst": None, "at": "no points",
-                "points": 0, "met": None, "point": None}  # fmt: skip
+                "points": 0, "met": None, "point": None, "typical": None}  # fmt: skip
     worst = value.idxmin()
-    at = points.loc[worst]
+    at = lambda i: (points.loc[i, "family"], points.loc[i, "label"], points.loc[i, "skew"])
+    missed = value[~met.astype(bool)].sort_values(kind="stable")
     return {
         "target": target,
         "required": required,
         "worst": float(value.loc[worst]),
-        "at": f"{at['family']} {at['label']} {at['skew']}",
+        "at": " ".join(at(worst)),
         "points": len(points),
         "met": bool(met.all()),
-        "point": (at["family"], at["label"], at["skew"]),
+        "point": at(worst),
+        "typical": at(missed.index[(len(missed) - 1) // 2]) if len(missed) else None,
     }
 
 
@@ -146,21 +149,27 @@ def markdown(env: dict, frame: pd.DataFrame) -> str:
 
 
 def breakdowns(env: dict, frame: pd.DataFrame, top: int) -> str:
-    """Where the triton layer's call goes at the worst point of each target missed: the
-    point rerun here on the run's profile (which needs its device) under torch.profiler,
-    with the configs the run tuned there."""
-    worst: dict[tuple, list[str]] = {}
-    for row in evaluate(env, frame).itertuples():
-        if row.met is False:
-            worst.setdefault(row.point, []).append(row.target)
-    if not worst:
+    """Where the triton layer's call goes at the worst point and at the median miss of each
+    target missed: the point rerun here on the run's profile (which needs its device) under
+    torch.profiler (and, on a GPU, cProfile for the host's time), with the configs the run
+    tuned there."""
+    reruns: dict[tuple, dict[str, list[str]]] = {}  # point -> role -> targets
+    table = evaluate(env, frame)
+    for role, column in (("worst for", "point"), ("median miss of", "typical")):
+        for row in table[table["met"].eq(False)].itertuples():  # None: not measured
+            if column == "typical" and row.typical == row.point:
+                continue  # one missed point, or the median miss is the worst
+            roles = reruns.setdefault(getattr(row, column), {})
+            roles.setdefault(role, []).append(row.target)
+    if not reruns:
         return "No target missed: no point to rerun.\n"
     profile = env.get("profile")
-    lines = [f"Where the triton layer's time goes at each missed target's worst point "
-             f"(profile {profile}, torch.profiler over 10 calls):"]  # fmt: skip
+    lines = [f"Where the triton layer's time goes at the worst point and the median miss of "
+             f"each missed target (profile {profile}, torch.profiler over 10 calls):"]  # fmt: skip
     tri = frame[(frame["impl"] == "triton") & (frame["status"] == "ok")]
-    for (family, label, skew), targets in worst.items():
-        lines.append(f"{family} {label} {skew}: worst for {'; '.join(targets)}")
+    for (family, label, skew), roles in reruns.items():
+        said = "; ".join(f"{role} {'; '.join(names)}" for role, names in roles.items())
+        lines.append(f"{family} {label} {skew}: {said}")
         record = tri[(tri["family"] == family) & (tri["label"] == label) & (tri["skew"] == skew)]
         kernels = (
             sweep.tuned_kernels(record["layer_stats"].iloc[0]) if "layer_stats" in record else None
@@ -171,11 +180,12 @@ def breakdowns(env: dict, frame: pd.DataFrame, top: int) -> str:
             point = next((p for p in grid.points(family, profile) if p.label == label), None)
             if point is None:
                 raise ValueError(f"profile {profile} has no point {family} {label} here")
-            rows = sweep.op_breakdown(point, "triton", skew, profile=profile)
+            breakdown = sweep.op_breakdown(point, "triton", skew, profile=profile)
+            cuda = grid.get_profile(profile).device == "cuda"
         except Exception as e:  # the table stands; say why this point has no breakdown
             lines.append(f"  no breakdown: {type(e).__name__}: {e}")
             continue
-        lines.append(format_op_times(rows, top))
+        lines.append(sweep.format_breakdown(breakdown, top, host=cuda))
     return "\n".join(lines) + "\n"
 
 
@@ -198,7 +208,8 @@ def main(argv=None) -> int:
         type=_count,
         default=0,
         metavar="N",
-        help="rerun each missed target's worst point and list its N largest kernels",
+        help="rerun each missed target's worst point and median miss; list the N largest "
+        "kernels and host functions there",
     )
     args = parser.parse_args(argv)
     try:

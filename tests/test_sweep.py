@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -418,13 +419,16 @@ def test_triton_decode_launches_on_the_gpu(T):
     cfg = mb.MoEConfig(d_model=256, d_ff=128, num_experts=16, top_k=4)
     point = grid.Point("cli", "decode", cfg, T)
     profile = dataclasses.replace(grid.get_profile("tiny"), device="cuda", dtype="bfloat16")
-    rows = sweep.op_breakdown(point, "triton", "balanced", profile=profile, calls=5)
-    launches = {r["name"]: r["calls"] for r in rows}
+    breakdown = sweep.op_breakdown(point, "triton", "balanced", profile=profile, calls=5)
+    launches = {r["name"]: r["calls"] for r in breakdown.kernels}
     kernels = ["_gate_up_kernel", "_down_kernel"] + (["_counted_schedule_kernel"] if T > 1 else [])
     for kernel in kernels:
         assert launches.get(kernel) == 1, launches
     assert not any("sort" in name.lower() for name in launches), launches
     assert len(launches) == len(kernels) + 1, launches
+    # The host side: one pass through triton's launch path per Triton kernel.
+    runs = [r for r in breakdown.host if re.fullmatch(r"runtime/jit\.py:\d+ run", r["name"])]
+    assert sum(r["calls"] for r in runs) == len(kernels), breakdown.host[:20]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -434,7 +438,7 @@ def test_triton_decode_past_16_tokens_launches_tall_tiles_apart():
     cfg = mb.MoEConfig(d_model=256, d_ff=128, num_experts=16, top_k=4)
     point = grid.Point("cli", "decode", cfg, 32)
     profile = dataclasses.replace(grid.get_profile("tiny"), device="cuda", dtype="bfloat16")
-    rows = sweep.op_breakdown(point, "triton", "collapse", profile=profile, calls=5)
+    rows = sweep.op_breakdown(point, "triton", "collapse", profile=profile, calls=5).kernels
     launches = {r["name"]: r["calls"] for r in rows}
     for kernel in ("_gate_up_kernel", "_down_kernel"):
         assert launches.get(kernel) == 2, launches

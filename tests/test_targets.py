@@ -140,7 +140,8 @@ def test_kernels_reruns_every_missed_target_when_all_were_measured(monkeypatch):
 
     def op_breakdown(point, impl, skew, *, profile):
         reruns.append((point.family, point.label, impl, skew, profile))
-        return [{"name": "_gate_up_kernel", "time_us": 3.0, "calls": 1.0}]
+        kernels = [{"name": "_gate_up_kernel", "time_us": 3.0, "calls": 1.0}]
+        return sweep.Breakdown(kernels, [{"name": "jit.py:1 run", "time_us": 9.0, "calls": 2}])
 
     monkeypatch.setattr(targets.sweep, "op_breakdown", op_breakdown)
     missed = frame(sonic_tflops=500.0, triton_ms=1.1, roofline=0.3, decode_ms=4.0,
@@ -154,6 +155,35 @@ def test_kernels_reruns_every_missed_target_when_all_were_measured(monkeypatch):
     assert "mixtral-8x7b/T=1 balanced: worst for speed vs sorted (x); decode weight" in text
     assert "E=64 random: worst for fraction of roofline (eager); fraction of roofline (k" in text
     assert text.count("_gate_up_kernel") == 3
+    # the gpu profile: each point's host functions too
+    assert text.count("host time issuing one call") == 3 and text.count("jit.py:1 run") == 3
+
+
+def test_kernels_also_rerun_the_median_miss_of_each_missed_target(monkeypatch):
+    """Roofline missed at 0.1, 0.3 and 0.5 and met at 0.7: the worst point is the 0.1 one,
+    the median miss the 0.3 one; a target with one missed point reruns it once."""
+    reruns = []
+
+    def op_breakdown(point, impl, skew, *, profile):
+        reruns.append((point.label, skew))
+        return sweep.Breakdown([], [])
+
+    monkeypatch.setattr(targets.sweep, "op_breakdown", op_breakdown)
+    rows = [
+        record("scale-out", "E=64", impl, skew=skew, time_ms=t, roofline_fraction=f)
+        for skew, f in (("balanced", 0.3), ("random", 0.7), ("hot:0.5", 0.5), ("collapse", 0.1))
+        for impl, t in (("triton", 0.9), ("sorted", 1.0))
+    ]
+    sonic = record("sonicmoe", "E=64/F=1024/K=4", "triton", T=32768, tflops=600.0)
+    missed = pd.DataFrame([sonic, *rows])
+    table = targets.evaluate(ENV, missed).set_index("target")
+    roofline = table.loc["fraction of roofline (eager)"]
+    assert roofline["point"] == ("scale-out", "E=64", "collapse")
+    assert roofline["typical"] == ("scale-out", "E=64", "balanced")
+    assert table.loc["SonicMoE shape, useful TFLOP/s", "typical"] is None  # 600: met
+    text = targets.breakdowns(ENV, missed, 3)
+    assert reruns == [("E=64", "collapse"), ("E=64", "balanced")]
+    assert "E=64 balanced: median miss of fraction of roofline (eager)" in text
 
 
 def test_kernels_with_no_target_missed_reruns_nothing():
