@@ -183,10 +183,10 @@ def _launch_args(case: Case):
         args = (bf16, bf16, bf16, bf16, bf16, bf16, f32, i64, *tiles, *sizes, D, 1, D, 1,
                 2 * F * D, D, 1, D * F, F, 1, 2 * F, 1, S)  # fmt: skip
         return fused._swiglu_backward_kernel, args, {"BLOCK_M": case.block_m}
-    if case.kernel == "schedule":  # ids [S]; int64 outputs; sizes
+    if case.kernel == "schedule":  # ids [S] (sorted: int16); int64 outputs; sizes
         n = S + E  # slots
         kernels = {
-            "rows": (fused._expert_rows_kernel, (i64, i64, i64, S, E, 16, 128, 16)),
+            "rows": (fused._expert_rows_kernel, (torch.int16, i64, i64, S, E, 16, 128, 16)),
             "slots": (
                 fused._tile_slots_kernel,
                 (i64, i64, i64, i64, i64, i64, i64, n, E, S // 128, 128, 7),

@@ -877,7 +877,11 @@ def tile_schedule(ids_TK, num_experts, block_m, big_m=0, tall_over=0):
             BLOCK_M=block_m, **blocks,
         )  # fmt: skip
         return TileSchedule(order_S, offsets_E1, expert_N, start_N, end_N, count_2)
-    sorted_ids_S, order_S = torch.sort(ids_S, stable=True)
+    # Narrow keys: torch's CUDA sort of one row is a cub radix sort over every bit of its key
+    # type, so int16 ids take 2 passes where int64 ids take 8 (ids < E fit, and E itself,
+    # the search kernel's fill value).
+    keys_S = ids_S.to(torch.int16 if E < 2**15 else torch.int32)
+    sorted_ids_S, order_S = torch.sort(keys_S, stable=True)
     offsets_E1 = torch.empty(E + 1, device=ids_S.device, dtype=torch.int64)
     tiles_2E = torch.empty(2, E, device=ids_S.device, dtype=torch.int64)
     # With one height no expert fills a block of S + 1 rows; no rest exceeds a height.

@@ -83,8 +83,10 @@ def rel_err(out, ref):
         (37, 12, 3, False),
         (50, 12, 2, True),
         (5, 8192, 2, False),
+        (5, 2**15 - 1, 2, False),  # the most experts sorted as int16 keys
+        (5, 2**15, 2, False),  # int32 keys
     ],
-    ids=["T1-K1", "T1-K=E", "T37-E12-K3", "hot-expert", "E8192"],
+    ids=["T1-K1", "T1-K=E", "T37-E12-K3", "hot-expert", "E8192", "E32767", "E32768"],
 )
 def test_tile_schedule_covers_every_pair_once(T, E, K, hot, block_m, big_m, tall_over):
     """Big tiles over full blocks (and, with tall_over, over a longer rest), small ones over
