@@ -60,6 +60,7 @@ S = T*K token-expert pairs, N tile slots in the schedule.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -728,7 +729,8 @@ _EXPERT_GRAD = {
 # Their config is fixed, not tuned: a tuner keyed on the shapes would time them on whatever
 # routing came first, often one with no tall tile at all. Prefill's 128 x 128 blocks with 8
 # warps are the Hopper matmul shape; decode's narrow, deep blocks are the shapes its tuners
-# pick for 16-row tiles (many programs streaming the weights). No spills for sm_90 with
+# pick for 16-row tiles (many programs streaming the weights). Blocks over F shrink for
+# narrow experts (_big_config). No spills for sm_90 with
 # triton 3.6 or 3.9: `python -m moebench.compile_check` builds these too.
 BIG_M = 128
 DECODE_BIG_M = 64
@@ -1006,8 +1008,22 @@ def _tall_over(path, block_m):
     return block_m if path == "decode" else 0
 
 
-def _sections(schedule, block_m, big_m, path):
-    """The launches over a schedule: the big-tile slots (if any), then the others.
+@functools.cache
+def _big_config(path, F):
+    """The big tiles' fixed configs by kernel for experts F wide: _BIG_CONFIG's, with
+    gate_up's column block (over F) and down's reduction block (over F) cut to F as a
+    power of two, at least 16 (tl.dot's least). A 128-wide block over an 8-wide expert
+    (iso-params at E = 8192) multiplies 16 times the columns there are."""
+    fit = max(16, _pow2(F))
+    configs = dict(_BIG_CONFIG[path])
+    for kernel, dim in ((_gate_up_kernel, "BLOCK_N"), (_down_kernel, "BLOCK_K")):
+        configs[kernel] = {**configs[kernel], dim: min(configs[kernel][dim], fit)}
+    return configs
+
+
+def _sections(schedule, block_m, big_m, path, F):
+    """The launches over a schedule of experts F wide: the big-tile slots (if any), then the
+    others.
 
     Compiled kernels are launched for every slot (Section.programs; no host sync). The
     interpreter runs every program in Python, empty ones too, so there each section covers
@@ -1019,7 +1035,8 @@ def _sections(schedule, block_m, big_m, path):
     floor = _floor(schedule.order_S.device)
     sections = [Section(big, N - big, block_m, None, 1, _cdiv(S, block_m), floor)]
     if big:
-        sections.insert(0, Section(0, big, big_m, _BIG_CONFIG[path], 0, _cdiv(S, big_m), floor))
+        fixed = _big_config(path, F)
+        sections.insert(0, Section(0, big, big_m, fixed, 0, _cdiv(S, big_m), floor))
     if _INTERPRET:
         sections = [
             s._replace(slots=int(schedule.end_N[s.slot0 : s.slot0 + s.slots].count_nonzero()))
@@ -1216,7 +1233,7 @@ def _fused_moe(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(y_TD, h_SF): the forward kernels, keeping h for the backward."""
     schedule = TileSchedule(order_S, offsets_E1, expert_N, start_N, end_N, count_2)
-    sections = _sections(schedule, block_m, big_m, path)
+    sections = _sections(schedule, block_m, big_m, path, down_EDF.shape[2])
     T, K = weights_TK.shape
     t_bucket = _pow2(T)
     h_SF, _ = gate_up_swiglu(x_TD, gate_up_E2FD, schedule, sections, K, path, t_bucket)
@@ -1244,7 +1261,7 @@ def _fused_moe_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(dx_TD, dweights_TK, dgate_up_E2FD, ddown_EDF); an unneeded one is an empty tensor."""
     schedule = TileSchedule(order_S, offsets_E1, expert_N, start_N, end_N, count_2)
-    sections = _sections(schedule, block_m, big_m, path)
+    sections = _sections(schedule, block_m, big_m, path, down_EDF.shape[2])
     T, K = weights_TK.shape
     E = gate_up_E2FD.shape[0]
     t_bucket = _pow2(T)
@@ -1354,7 +1371,7 @@ def forward(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF, out_TD, stats, *,
         # (tracing into the kernel launches fails under the interpreter).
         y_TD, _ = _fused_moe(*differentiable, *schedule, path, block_m, big_m, combine)
         return out_TD.copy_(y_TD)
-    sections = _sections(schedule, block_m, big_m, path)
+    sections = _sections(schedule, block_m, big_m, path, F2 // 2)
     h_SF, gate_up_config = gate_up_swiglu(x_TD, gate_up_E2FD, schedule, sections, K, path, t_bucket)
     _, down_config = down_combine(
         h_SF, down_EDF, weights_TK.reshape(-1), schedule, sections, out_TD, K, path, t_bucket,

@@ -340,12 +340,30 @@ def test_short_decode_keeps_one_tile_height():
 
 
 def test_collapse_runs_tall_tiles():
-    """The real BIG_M: every token on the same two of 64 experts (the `collapse` skew)."""
+    """The real BIG_M: every token on the same two of 64 experts (the `collapse` skew); the
+    tall tiles' blocks over F cut to its 16 (a 2F = 32 deep reduction for dx)."""
     case = make_case(T=300, D=16, F=16, E=64, K=2, dtype=torch.float32)
     case = (case[0], torch.tensor([[5, 9]], device=DEVICE).expand(300, 2), *case[2:])
     out, stats = run(case)
     assert (stats["block_m"], stats["big_m"]) == (16, fused.BIG_M)
     assert rel_err(out, reference(*case)) < TOLERANCE[torch.float32]
+    dy_TD = torch.randn(300, 16, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    got = run_backward(case, dy_TD)
+    assert_grads_match(got, reference_grads(case, dy_TD), case[1], torch.float32)
+
+
+@pytest.mark.parametrize("F", [8, 16, 24, 40, 4096])
+@pytest.mark.parametrize("path", fused.PATHS)
+def test_big_tiles_fit_narrow_experts(path, F):
+    """The big tiles' fixed configs: gate_up's column block and down's reduction block are
+    cut to F as a power of two (at least 16) where F is narrower; nothing else changes."""
+    base, got = fused._BIG_CONFIG[path], fused._big_config(path, F)
+    fit = max(16, 1 << (F - 1).bit_length())
+    for kernel, dim in ((fused._gate_up_kernel, "BLOCK_N"), (fused._down_kernel, "BLOCK_K")):
+        assert got[kernel] == {**base[kernel], dim: min(base[kernel][dim], fit)}
+    assert got[fused._swiglu_backward_kernel] == base[fused._swiglu_backward_kernel]
+    if F <= 16:
+        assert got[fused._gate_up_kernel]["BLOCK_N"] == 16 < base[fused._gate_up_kernel]["BLOCK_N"]
 
 
 @pytest.fixture
