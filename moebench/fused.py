@@ -53,6 +53,8 @@ unit last stride, 16-byte aligned rows), its forward tuners also time configs th
 weights, and down's rows of h, through TMA descriptors (Hopper's bulk copies; x's rows are
 gathered, so they stay pointer loads). All kernels autotune on the problem sizes and a
 power-of-two token (or pair) bucket; under TRITON_INTERPRET=1 one small fixed config is used.
+Once a kernel is tuned and compiled for a problem, its launches skip triton's per-call
+argument binding (`_run`): decode and small prefill layers are bound by host time.
 
 T tokens, D model width, F expert hidden width, E experts, K experts per token,
 S = T*K token-expert pairs, N tile slots in the schedule.
@@ -67,6 +69,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import driver
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 # tl.dot has no float64; fp32 runs exact (no TF32), fp16/bf16 accumulate in fp32.
@@ -791,8 +794,61 @@ def _launch(tuner, grid, args, key, fit=None, **constexprs):
     else:
         if fit is not None:
             fit(config)
-        tuner.fn[grid(config)](*args, **constexprs, **config)
+        _run(tuner.fn, grid(config), args, {**constexprs, **config})
     return config
+
+
+# Compiled kernels by (kernel, meta, the arguments' specialization): see _run.
+_COMPILED: dict[tuple, tuple] = {}
+
+
+def _descriptor_specialization(arg):
+    """A launch argument that is not a tensor: a descriptor's dtype and box, else itself."""
+    if isinstance(arg, TensorDescriptor):
+        return arg.base.dtype, tuple(arg.block_shape), arg.padding
+    return arg
+
+
+def _no_launch_hooks():
+    """Whether no launch hook (a profiler's) is set: triton >= 3.4 keeps them in knobs as
+    chains, empty by default; older ones launch differently, so never straight."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is None:
+        return False
+    hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+    return all(h is None or not getattr(h, "calls", True) for h in hooks)
+
+
+def _run(fn, grid, args, meta):
+    """fn[grid](*args, **meta) for a @triton.jit fn, args all positional and meta its
+    constexprs and launch options.
+
+    After the first launch of a specialization, the compiled kernel's launcher is called
+    straight with the arguments that triton's JITFunction.run would give it: run binds and
+    specializes every argument, builds a cache key and launch metadata on each call, 15 us
+    of host time a launch where the launcher itself takes 2.5 (triton 3.6 and 3.9, this
+    project's 2-core CPU, a stub libcuda; prefill makes six launches). Not under the
+    interpreter, nor while launch hooks (a profiler's) are set. tests/test_launch.py checks
+    that the launcher gets the same arguments both ways.
+    """
+    # What of the arguments may select another compiled kernel: a tensor's dtype and
+    # alignment, a descriptor's dtype and box, any other value itself.
+    key = (id(fn), *meta.items(), *[
+        (a.dtype, a.data_ptr() % 16) if isinstance(a, torch.Tensor)
+        else _descriptor_specialization(a) for a in args
+    ])  # fmt: skip
+    compiled = _COMPILED.get(key)
+    if compiled is not None and _no_launch_hooks():
+        kernel, constexprs = compiled
+        stream = driver.active.get_current_stream(driver.active.get_current_device())
+        kernel.run(*grid, *(1,) * (3 - len(grid)), stream, kernel.function,
+                   kernel.packed_metadata, None, None, None, *args, *constexprs)  # fmt: skip
+        return
+    kernel = fn[grid](*args, **meta)
+    if not _INTERPRET and getattr(kernel, "packed_metadata", None) is not None:
+        # The arguments after the positional ones, in the kernel's order, as run binds them.
+        rest = fn.params[len(args) :]
+        _COMPILED[key] = kernel, [meta.get(p.name, p.default) for p in rest]
 
 
 class TileSchedule(NamedTuple):
@@ -874,9 +930,10 @@ def tile_schedule(ids_TK, num_experts, block_m, big_m=0, tall_over=0):
         order_S, offsets_E1, expert_N, start_N, end_N = new(S), new(E + 1), new(N), new(N), new(N)
         count_2 = new(2)
         blocks = SCHEDULE_BLOCKS[_counted_schedule_kernel]
-        _counted_schedule_kernel[(_cdiv(max(E + 1, S, N), blocks["BLOCK"]),)](
-            ids_S, order_S, offsets_E1, expert_N, start_N, end_N, count_2, S, E, N,
-            BLOCK_M=block_m, **blocks,
+        _run(
+            _counted_schedule_kernel, (_cdiv(max(E + 1, S, N), blocks["BLOCK"]),),
+            (ids_S, order_S, offsets_E1, expert_N, start_N, end_N, count_2, S, E, N),
+            {"BLOCK_M": block_m, **blocks},
         )  # fmt: skip
         return TileSchedule(order_S, offsets_E1, expert_N, start_N, end_N, count_2)
     # Narrow keys: torch's CUDA sort of one row is a cub radix sort over every bit of its key
@@ -889,17 +946,20 @@ def tile_schedule(ids_TK, num_experts, block_m, big_m=0, tall_over=0):
     # With one height no expert fills a block of S + 1 rows; no rest exceeds a height.
     height = big_m or S + 1
     blocks = SCHEDULE_BLOCKS[_expert_rows_kernel]
-    _expert_rows_kernel[(_cdiv(E + 1, blocks["BLOCK_E"]),)](
-        sorted_ids_S, offsets_E1, tiles_2E, S, E, S.bit_length(), height, tall_over or height,
-        BLOCK_M=block_m, **blocks,
+    _run(
+        _expert_rows_kernel, (_cdiv(E + 1, blocks["BLOCK_E"]),),
+        (sorted_ids_S, offsets_E1, tiles_2E, S, E, S.bit_length(), height, tall_over or height),
+        {"BLOCK_M": block_m, **blocks},
     )  # fmt: skip
     tile_end_2E = torch.cumsum(tiles_2E, 1)
     expert_N, start_N, end_N = (order_S.new_empty(N) for _ in range(3))
     count_2 = order_S.new_empty(2)
     blocks = SCHEDULE_BLOCKS[_tile_slots_kernel]
-    _tile_slots_kernel[(_cdiv(N, blocks["BLOCK_SLOTS"]),)](
-        offsets_E1, tiles_2E, tile_end_2E, expert_N, start_N, end_N, count_2, N, E,
-        big_slots(S, big_m, tall_over), height, E.bit_length(), BLOCK_M=block_m, **blocks,
+    _run(
+        _tile_slots_kernel, (_cdiv(N, blocks["BLOCK_SLOTS"]),),
+        (offsets_E1, tiles_2E, tile_end_2E, expert_N, start_N, end_N, count_2, N, E,
+         big_slots(S, big_m, tall_over), height, E.bit_length()),
+        {"BLOCK_M": block_m, **blocks},
     )  # fmt: skip
     return TileSchedule(order_S, offsets_E1, expert_N, start_N, end_N, count_2)
 
@@ -1062,9 +1122,8 @@ def _tile_launch(tuner, section, width, args, key, descriptors=None, **constexpr
             tuner, grid, args, key, fit, BLOCK_M=section.block_m, LOOP=section.loop, **constexprs
         )
     config = section.fixed[tuner.fn]
-    tuner.fn[grid(config)](
-        *args, BLOCK_M=section.block_m, LOOP=section.loop, **constexprs, **config
-    )
+    meta = {"BLOCK_M": section.block_m, "LOOP": section.loop, **constexprs, **config}
+    _run(tuner.fn, grid(config), args, meta)
     return config
 
 
@@ -1314,6 +1373,20 @@ def _backward(ctx, dy_TD, _dh_SF):
 _fused_moe.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _check_runnable(x_TD):
+    """Refuse what the kernels cannot run: CPU tensors without the interpreter, bf16 under it."""
+    if x_TD.device.type != "cuda" and not _INTERPRET:
+        raise RuntimeError(
+            "the triton implementation needs a CUDA device, or TRITON_INTERPRET=1 to run on the CPU"
+        )
+    if _INTERPRET and x_TD.dtype == torch.bfloat16:
+        # Seen with triton 3.6 and 3.9: outputs of about 1e10 where the other layers give 1.
+        raise ValueError(
+            "the triton implementation gives wrong bfloat16 results under TRITON_INTERPRET=1 "
+            "(the interpreter misreads bf16 loads): use float32 or float16 there, bf16 on a GPU"
+        )
+
+
 def forward(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF, out_TD, stats, *,
             combine="pairs"):  # fmt: skip
     """y[t] = sum_j weights[t,j] * expert_{ids[t,j]}(x[t]), written into out_TD and returned.
@@ -1331,16 +1404,7 @@ def forward(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF, out_TD, stats, *,
     """
     if combine not in COMBINES:
         raise ValueError(f"unknown combine {combine!r}; known: {', '.join(COMBINES)}")
-    if x_TD.device.type != "cuda" and not _INTERPRET:
-        raise RuntimeError(
-            "the triton implementation needs a CUDA device, or TRITON_INTERPRET=1 to run on the CPU"
-        )
-    if _INTERPRET and x_TD.dtype == torch.bfloat16:
-        # Seen with triton 3.6 and 3.9: outputs of about 1e10 where the other layers give 1.
-        raise ValueError(
-            "the triton implementation gives wrong bfloat16 results under TRITON_INTERPRET=1 "
-            "(the interpreter misreads bf16 loads): use float32 or float16 there, bf16 on a GPU"
-        )
+    _check_runnable(x_TD)
     T, K = ids_TK.shape
     E, F2, _ = gate_up_E2FD.shape
     weights_TK = weights_TK.contiguous()  # the kernels read it by pair index
