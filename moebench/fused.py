@@ -798,7 +798,7 @@ def _launch(tuner, grid, args, key, fit=None, **constexprs):
     return config
 
 
-# Compiled kernels by (kernel, meta, the arguments' specialization): see _run.
+# Compiled kernels by (kernel, device, meta, the arguments' specialization): see _run.
 _COMPILED: dict[tuple, tuple] = {}
 
 
@@ -831,22 +831,27 @@ def _run(fn, grid, args, meta):
     interpreter, nor while launch hooks (a profiler's) are set. tests/test_launch.py checks
     that the launcher gets the same arguments both ways.
     """
-    # What of the arguments may select another compiled kernel: a tensor's dtype and
-    # alignment, a descriptor's dtype and box, any other value itself (ints first: most
-    # arguments are, and the test costs half of the others').
-    key = (id(fn), *meta.items(), *[
+    if _INTERPRET:  # nothing compiled; and no driver to ask for the device
+        fn[grid](*args, **meta)
+        return
+    # What may select another compiled kernel: the device (a kernel's function handle is
+    # loaded on one), the meta, a tensor argument's dtype and alignment, a descriptor's
+    # dtype and box, any other argument itself (ints first: most arguments are, and the
+    # test costs half of the others').
+    device = driver.active.get_current_device()
+    key = (id(fn), device, *meta.items(), *[
         a if type(a) is int else (a.dtype, a.data_ptr() % 16) if isinstance(a, torch.Tensor)
         else _descriptor_specialization(a) for a in args
     ])  # fmt: skip
     compiled = _COMPILED.get(key)
     if compiled is not None and _no_launch_hooks():
         kernel, constexprs = compiled
-        stream = driver.active.get_current_stream(driver.active.get_current_device())
+        stream = driver.active.get_current_stream(device)
         kernel.run(*grid, *(1,) * (3 - len(grid)), stream, kernel.function,
                    kernel.packed_metadata, None, None, None, *args, *constexprs)  # fmt: skip
         return
     kernel = fn[grid](*args, **meta)
-    if not _INTERPRET and getattr(kernel, "packed_metadata", None) is not None:
+    if getattr(kernel, "packed_metadata", None) is not None:
         # The arguments after the positional ones, in the kernel's order, as run binds them.
         rest = fn.params[len(args) :]
         _COMPILED[key] = kernel, [meta.get(p.name, p.default) for p in rest]
