@@ -42,13 +42,13 @@ EXPERT_WIDTHS = (8, 32, 64, 1024)  # F for the pruning: narrow, middle, wide exp
 # Argument sizes: multiples of 16 like the real shapes, so they specialize the same way.
 D, F, K, E, T_BUCKET = 4096, 1024, 8, 64, 4096
 S = T_BUCKET * K
-KERNELS = ("gate_up", "down", "swiglu_backward", "expert_grad", "schedule")
+KERNELS = ("gate_up", "down", "swiglu_backward", "expert_grad", "schedule", "combine")
 
 
 class Case(NamedTuple):
     kernel: str  # one of KERNELS
     # decode, prefill, big-prefill, big-decode; gate_up or down for expert_grad; rows, slots,
-    # counted
+    # counted (schedule); pairs (combine)
     variant: str
     block_m: int  # 0 for expert_grad and schedule, whose BLOCK_M is part of their config
     config: dict  # triton.Config.all_kwargs()
@@ -157,6 +157,12 @@ def cases(only: str | None = None) -> list[Case]:
     out += [
         Case("schedule", schedule[k], 0, {**b, **launch}) for k, b in fused.SCHEDULE_BLOCKS.items()
     ]
+    # The pair sum's blocks for D >= 2048 and for D = 128, K = 8.
+    out += [
+        Case("combine", "pairs", 0, {"K": 8, "BLOCK_T": fused.PAIR_SUM_ELEMENTS // d,
+                                     "BLOCK_D": d, "num_warps": 4, "num_stages": 3})
+        for d in (fused.PAIR_SUM_ELEMENTS, 128)
+    ]  # fmt: skip
     return [c for c in out if only in (None, c.kernel)]
 
 
@@ -197,6 +203,8 @@ def _launch_args(case: Case):
         }  # fmt: skip
         kernel, args = kernels[case.variant]
         return kernel, args, {}
+    if case.kernel == "combine":  # y [S, D] -> out [T, D]
+        return fused._pair_sum_kernel, (bf16, bf16, T_BUCKET, D, D, 1, D, 1), {}
     if case.variant == "gate_up":  # [dgate, dup] [S, 2F]^T @ x rows [T, D] -> [E, 2F, D]
         args = (bf16, bf16, bf16, i64, None, i64, 2 * F, D, K, E, S, 2 * F, 1, D, 1,
                 2 * F * D, D, 1)  # fmt: skip
@@ -251,11 +259,13 @@ def format_table(results: list[Result]) -> str:
     lines = [head]
     for r in results:
         c = r.case.config
-        block_m = r.case.block_m or c.get("BLOCK_M")
+        block_m = r.case.block_m or c.get("BLOCK_M", c.get("BLOCK_T"))
         variant = r.case.variant + ("/tma" if c.get("TMA") else "")
         variant += f"/x{c['N_BLOCKS']}" if c.get("N_BLOCKS", 1) > 1 else ""
         variant += "/loop" if c.get("LOOP") else ""
-        width = c.get("BLOCK_N", c.get("BLOCK_E", c.get("BLOCK_SLOTS", c.get("BLOCK"))))
+        width = c.get(
+            "BLOCK_N", c.get("BLOCK_E", c.get("BLOCK_SLOTS", c.get("BLOCK_D", c.get("BLOCK"))))
+        )
         inner = c.get("BLOCK_K", c.get("BLOCK_C", c.get("CHUNK", 0)))
         verdict = "ok" if r.ok else (r.error or f"SPILLS {r.spill_bytes} B")
         if r.ok and r.smem_bytes > SMEM_LIMIT:

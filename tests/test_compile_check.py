@@ -48,6 +48,7 @@ def test_spilling_config_is_found_and_pruned():
         assert {f"{kernel}/prefill/{m}" for m in (16, 32, 64, 128)} <= groups
     assert {"expert_grad/gate_up/0", "expert_grad/down/0"} <= groups
     assert {f"schedule/{k}/0" for k in ("rows", "slots", "counted")} <= groups
+    assert "combine/pairs/0" in groups
 
 
 def test_refuses_the_interpreter():
