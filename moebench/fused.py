@@ -392,8 +392,9 @@ def _pair_sum_kernel(
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     # The "pairs" combine: out[t] = y[t*K] + ... + y[t*K + K-1], in fp32 in that order,
-    # rounded once to out's dtype.
-    o_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    # rounded once to out's dtype. Offsets in int64: y may hold 2^31 elements (T = 32768,
+    # K = 16, D = 4096).
+    o_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     o_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     m = (o_t < T)[:, None] & (o_d < D)[None, :]
     b_out = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
@@ -751,8 +752,8 @@ _EXPERT_GRAD = {
 # routing came first, often one with no tall tile at all. Prefill's 128 x 128 blocks with 8
 # warps are the Hopper matmul shape; decode's narrow, deep blocks are the shapes its tuners
 # pick for 16-row tiles (many programs streaming the weights). Blocks over F shrink for
-# narrow experts (_big_config). No spills for sm_90 with
-# triton 3.6 or 3.9: `python -m moebench.compile_check` builds these too.
+# narrow experts (_big_config). No spills for sm_90 with triton 3.6 or 3.9:
+# `python -m moebench.compile_check` builds these too.
 BIG_M = 128
 DECODE_BIG_M = 64
 _BIG_SHAPES = {
