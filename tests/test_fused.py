@@ -533,6 +533,18 @@ def test_tuned_launches_skip_the_autotuner(monkeypatch):
     assert len(tuner_calls) == 2
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter launches through triton")
+@pytest.mark.parametrize("T", [1, 8, 300], ids=["one-token", "counted", "two-heights"])
+def test_direct_launches_give_the_first_calls_output(monkeypatch, T):
+    """From the third call on every kernel is launched straight (fused._run); the output
+    stays the first call's, bit for bit (tests/test_launch.py checks the arguments)."""
+    monkeypatch.setattr(fused, "_COMPILED", {})
+    case = make_case(T=T, D=64, F=32, E=16, K=2, dtype=torch.bfloat16, hot_expert=1)
+    outputs = [run(case)[0] for _ in range(3)]
+    assert fused._COMPILED, "no kernel was armed for direct launches"
+    assert all(torch.equal(outputs[0], out) for out in outputs[1:])
+
+
 @pytest.mark.parametrize("T", [20, 100], ids=["decode", "prefill"])
 def test_pairs_combine_is_bitwise_reproducible(T):
     case = make_case(T=T, D=40, F=24, E=6, K=3, dtype=torch.float32)
