@@ -223,7 +223,7 @@ def _print_breakdowns(points, records, args, profile) -> None:
         except Exception as e:  # the table above stands; say why there is no breakdown
             print(f"  no breakdown: {type(e).__name__}: {e}")
             continue
-        print(sweep.format_breakdown(rows, args.kernels, host=cuda))
+        print(sweep.format_breakdown(rows, args.kernels))
 
 
 def main(argv=None) -> int:

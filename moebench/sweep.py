@@ -444,7 +444,9 @@ def timing_options(p: grid.Profile, *, repeats=None, warmup=None) -> dict:
 
 class Breakdown(NamedTuple):
     kernels: list[dict]  # harness.op_times: kernels' device time (CUDA) or ops' CPU time
-    host: list[dict]  # harness.host_times: the host's time issuing a call, by function
+    # harness.host_times on a GPU: the host's time issuing a call, by function (on the CPU
+    # the ops are the host's time already: empty)
+    host: list[dict]
 
 
 def op_breakdown(point: grid.Point, impl: str, skew: str, *, profile, calls: int = 10):
@@ -462,17 +464,15 @@ def op_breakdown(point: grid.Point, impl: str, skew: str, *, profile, calls: int
         call = lambda: moe_forward(x_TD, routing, weights, impl=impl, check=False)
         for _ in range(2):
             call()
-        return Breakdown(
-            harness.op_times(call, device, calls=calls),
-            harness.host_times(call, device, calls=calls),
-        )
+        kernels = harness.op_times(call, device, calls=calls)
+        cuda = device.type == "cuda"
+        return Breakdown(kernels, harness.host_times(call, device, calls=calls) if cuda else [])
 
 
-def format_breakdown(breakdown: Breakdown, top: int, *, host: bool) -> str:
-    """A Breakdown's `top` kernels (or CPU ops), then with `host` its `top` host functions
-    (on a GPU; on the CPU the ops are the host's time already)."""
+def format_breakdown(breakdown: Breakdown, top: int) -> str:
+    """A Breakdown's `top` kernels (or CPU ops), then its `top` host functions if any."""
     text = harness.format_op_times(breakdown.kernels, top)
-    if host:
+    if breakdown.host:
         text += "\n  host time issuing one call onto an idle device (cProfile, self time):\n"
         text += harness.format_op_times(breakdown.host, top, "functions")
     return text

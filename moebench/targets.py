@@ -181,11 +181,10 @@ def breakdowns(env: dict, frame: pd.DataFrame, top: int) -> str:
             if point is None:
                 raise ValueError(f"profile {profile} has no point {family} {label} here")
             breakdown = sweep.op_breakdown(point, "triton", skew, profile=profile)
-            cuda = grid.get_profile(profile).device == "cuda"
         except Exception as e:  # the table stands; say why this point has no breakdown
             lines.append(f"  no breakdown: {type(e).__name__}: {e}")
             continue
-        lines.append(sweep.format_breakdown(breakdown, top, host=cuda))
+        lines.append(sweep.format_breakdown(breakdown, top))
     return "\n".join(lines) + "\n"
 
 
