@@ -11,7 +11,8 @@ strides, sizes divisible by 16).
 
 Covered: the forward kernels and the backward's SwiGLU kernel on both paths at every
 prefill tile height, each with the configs its pruning keeps for narrow, middle and wide
-experts, and again with LOOP (the programs loop over their items) at the heights where
+experts (the persistent ones included: their item and reduction loops flattened into
+one), and again with LOOP (the programs loop over their items) at the heights where
 the layer may loop (up to fused.LOOP_MAX_M rows); the fixed big-tile configs; the
 weight-gradient kernel (dx reuses the down kernel); the schedule's kernels (sorted and
 counted), at their fixed block sizes.
@@ -254,7 +255,8 @@ def run(selected: list[Case], jobs: int) -> list[Result]:
 
 def format_table(results: list[Result]) -> str:
     head = (
-        "kernel           variant     M    N    K/C  warps stages regs spill smem_KiB wgmma verdict"
+        "kernel           variant          M    N    K/C  warps stages regs spill smem_KiB wgmma "
+        "verdict"
     )
     lines = [head]
     for r in results:
@@ -263,6 +265,7 @@ def format_table(results: list[Result]) -> str:
         variant = r.case.variant + ("/tma" if c.get("TMA") else "")
         variant += f"/x{c['N_BLOCKS']}" if c.get("N_BLOCKS", 1) > 1 else ""
         variant += "/loop" if c.get("LOOP") else ""
+        variant += "/pers" if c.get("PERSISTENT") else ""
         width = c.get(
             "BLOCK_N", c.get("BLOCK_E", c.get("BLOCK_SLOTS", c.get("BLOCK_D", c.get("BLOCK"))))
         )
@@ -272,7 +275,7 @@ def format_table(results: list[Result]) -> str:
             verdict = "ok, but over 227 KiB of shared memory: skipped at launch on an H100"
         smem = f"{r.smem_bytes / 1024:.0f}" if r.smem_bytes is not None else "-"
         lines.append(
-            f"{r.case.kernel:16s} {variant:11s} {block_m:<4d} {width:<4d} "
+            f"{r.case.kernel:16s} {variant:16s} {block_m:<4d} {width:<4d} "
             f"{inner:<4d} {c['num_warps']:<5d} {c['num_stages']:<6d} {r.regs or '-'!s:4s} "
             f"{r.spill_bytes if r.spill_bytes is not None else '-'!s:5s} {smem:8s} "
             f"{'yes' if r.wgmma else 'no':5s} {verdict}"

@@ -51,8 +51,11 @@ bound by reading those weights. `prefill` sizes BLOCK_M to the expected rows per
 uses wide blocks with a grouped tile order for L2 reuse; where the tensors allow TMA (16-bit,
 unit last stride, 16-byte aligned rows), its forward tuners also time configs that read the
 weights, and down's rows of h, through TMA descriptors (Hopper's bulk copies; x's rows are
-gathered, so they stay pointer loads). All kernels autotune on the problem sizes and a
-power-of-two token (or pair) bucket; under TRITON_INTERPRET=1 one small fixed config is used.
+gathered, so they stay pointer loads), among them persistent ones: a program an SM, whose
+loop over items and loop over the reduction are flattened into one pipelined loop, so that
+the next tile's loads overlap this tile's epilogue. All kernels autotune on the problem
+sizes and a power-of-two token (or pair) bucket; under TRITON_INTERPRET=1 one small fixed
+config is used.
 Once a kernel is tuned and compiled for a problem, its launches skip triton's per-call
 argument binding (`_run`): decode and small prefill layers are bound by host time.
 
@@ -226,15 +229,19 @@ def _gate_up_kernel(
     stride_xt, stride_xd, stride_we, stride_wf, stride_wd, stride_hs, stride_hf,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr, TMA: tl.constexpr = False, LOOP: tl.constexpr = False,
+    PERSISTENT: tl.constexpr = False,
 ):  # fmt: skip
-    # An item per program, or with LOOP every num_programs-th item: (tile, column block)
-    # pairs of the section's real tiles, count_2[section] of them. Two call sites, because
-    # one loop of at most one trip still costs registers (56 -> 72 for decode's 32 x 128).
+    # An item per program, or with LOOP or PERSISTENT every num_programs-th item: (tile,
+    # column block) pairs of the section's real tiles, count_2[section] of them. Two call
+    # sites, because one loop of at most one trip still costs registers (56 -> 72 for
+    # decode's 32 x 128). PERSISTENT (a program an SM) flattens the item loop and the loop
+    # over D into one software-pipelined loop: the next item's first blocks load during
+    # this item's epilogue.
     num_tiles = tl.load(tile_count_ptr + section).to(tl.int32)
     num_blocks_n = (F + BLOCK_N - 1) // BLOCK_N
     items = num_tiles * num_blocks_n
-    if LOOP:
-        for item in range(tl.program_id(0), items, tl.num_programs(0)):
+    if LOOP or PERSISTENT:
+        for item in tl.range(tl.program_id(0), items, tl.num_programs(0), flatten=PERSISTENT):
             _gate_up_tile(
                 item, num_tiles, num_blocks_n, x_ptr, w_ptr, h_ptr, order_ptr, tile_expert_ptr,
                 tile_start_ptr, tile_end_ptr, w_desc, D, F, K, slot0, stride_xt, stride_xd,
@@ -309,13 +316,14 @@ def _down_kernel(
     WEIGHTED: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
     TMA: tl.constexpr = False, N_BLOCKS: tl.constexpr = 1, LOOP: tl.constexpr = False,
+    PERSISTENT: tl.constexpr = False,
 ):  # fmt: skip
     # Items as in _gate_up_kernel: (tile, group of N_BLOCKS column blocks) pairs.
     num_tiles = tl.load(tile_count_ptr + section).to(tl.int32)
     num_groups_n = ((D + BLOCK_N - 1) // BLOCK_N + N_BLOCKS - 1) // N_BLOCKS
     items = num_tiles * num_groups_n
-    if LOOP:
-        for item in range(tl.program_id(0), items, tl.num_programs(0)):
+    if LOOP or PERSISTENT:
+        for item in tl.range(tl.program_id(0), items, tl.num_programs(0), flatten=PERSISTENT):
             _down_tile(
                 item, num_tiles, num_groups_n, h_ptr, w_ptr, y_ptr, order_ptr, routing_ptr,
                 tile_expert_ptr, tile_start_ptr, tile_end_ptr, h_desc, w_desc, D, F, K, slot0,
@@ -591,6 +599,14 @@ def _configs(path, kernel, tma=False):
         looped = [(256, 16, 4, 3, 4), (256, 16, 4, 3, 8), (256, 32, 4, 3, 8)]
         # TMA boxes for both operands (a tile's rows of h are contiguous).
         tma_shapes = [(128, 64, 8, 3), (256, 64, 8, 3), (128, 64, 4, 4)]
+    # Persistent (PERSISTENT: one program an SM, looping over the items). A program that
+    # ends with its tile leaves the SM to its epilogue and the next program's first loads,
+    # unless another program shares the SM (gate_up's 128-wide TMA shape takes 144 KiB of
+    # shared memory at 128 rows: one an SM); a persistent one loads its next tile during
+    # its epilogue. The 8-warp TMA shape whose accumulators the flattened loop holds
+    # without spilling at 128 rows (gate_up 255 registers, down 180-204; 256-wide down
+    # blocks spill 44-112 B: ptxas, sm_90, triton 3.6 and 3.9). The tuners time both.
+    persistent = [(128, 64, 8, 3)]
     groups = [({}, shapes)]
     if kernel == "down":
         groups += [({"N_BLOCKS": nb}, [(n, k, w, s)]) for n, k, w, s, nb in looped]
@@ -606,7 +622,9 @@ def _configs(path, kernel, tma=False):
     return [
         triton.Config({"BLOCK_N": n, "BLOCK_K": k, "GROUP_SIZE_M": 8, **flag}, num_warps=w,
                       num_stages=s, pre_hook=_fit_descriptors)
-        for flag, group in [*groups, ({"TMA": True}, tma_shapes)]
+        for flag, group in [
+            *groups, ({"TMA": True}, tma_shapes), ({"TMA": True, "PERSISTENT": True}, persistent)
+        ]
         for n, k, w, s in group
     ]  # fmt: skip
 
@@ -1052,6 +1070,7 @@ class Section(NamedTuple):
     count: int  # index in the schedule's count_2: 0 big tiles, 1 the others
     packed: int  # tiles that the S rows would fill at block_m rows each: cdiv(S, block_m)
     floor: int  # programs that the device runs at once (at most)
+    sms: int  # programs of a persistent launch: one an SM
 
     @property
     def loop(self) -> bool:
@@ -1061,11 +1080,14 @@ class Section(NamedTuple):
         stay empty, and looping costs their configs registers (ptxas, sm_90)."""
         return self.block_m <= LOOP_MAX_M and self.slots > 2 * self.packed
 
-    def programs(self, blocks):
+    def programs(self, blocks, persistent=False):
         """A program per slot's `blocks` items; where they loop, as many as S rows make in
         full tiles, if that is fewer (many experts, each a few rows, make more tiles), but
         not fewer than the device runs at once. An empty slot's program cost about a
-        nanosecond of the whole H200 (scale-out collapse at E=8192: 0.3 of 0.75 ms)."""
+        nanosecond of the whole H200 (scale-out collapse at E=8192: 0.3 of 0.75 ms).
+        A persistent config (PERSISTENT) takes one program an SM."""
+        if persistent:
+            return min(self.slots * blocks, self.sms)
         if not self.loop:
             return self.slots * blocks
         return min(self.slots * blocks, max(self.packed * blocks, self.floor))
@@ -1076,16 +1098,16 @@ LOOP_MAX_M = 32
 # Thread blocks an SM holds at most (Hopper); the interpreter uses two programs, so that
 # tests run the programs' loops.
 _BLOCKS_PER_SM = 32
-_FLOORS: dict[torch.device, int] = {}
+_RESIDENT: dict[torch.device, tuple[int, int]] = {}
 
 
-def _floor(device):
-    """Programs that `device` runs at once, at most."""
-    floor = _FLOORS.get(device)
-    if floor is None:
-        sms = 1 if _INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
-        floor = _FLOORS[device] = 2 if _INTERPRET else sms * _BLOCKS_PER_SM
-    return floor
+def _resident(device):
+    """(programs that `device` runs at once at most, its SMs); (2, 2) under the interpreter."""
+    resident = _RESIDENT.get(device)
+    if resident is None:
+        sms = 2 if _INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
+        resident = _RESIDENT[device] = (2 if _INTERPRET else sms * _BLOCKS_PER_SM, sms)
+    return resident
 
 
 def _tall_over(path, block_m):
@@ -1117,11 +1139,11 @@ def _sections(schedule, block_m, big_m, path, F):
     """
     S, N = schedule.order_S.numel(), schedule.expert_N.numel()
     big = big_slots(S, big_m, _tall_over(path, block_m))
-    floor = _floor(schedule.order_S.device)
-    sections = [Section(big, N - big, block_m, None, 1, _cdiv(S, block_m), floor)]
+    resident = _resident(schedule.order_S.device)
+    sections = [Section(big, N - big, block_m, None, 1, _cdiv(S, block_m), *resident)]
     if big:
         fixed = _big_config(path, F)
-        sections.insert(0, Section(0, big, big_m, fixed, 0, _cdiv(S, big_m), floor))
+        sections.insert(0, Section(0, big, big_m, fixed, 0, _cdiv(S, big_m), *resident))
     if _INTERPRET:
         sections = [
             s._replace(slots=int(schedule.end_N[s.slot0 : s.slot0 + s.slots].count_nonzero()))
@@ -1137,7 +1159,10 @@ def _tile_launch(tuner, section, width, args, key, descriptors=None, **constexpr
     descriptors: the launch's TMA descriptors by argument name (tuned sections only).
     """
     grid = lambda meta: (
-        section.programs(_cdiv(_cdiv(width, meta["BLOCK_N"]), meta.get("N_BLOCKS", 1))),
+        section.programs(
+            _cdiv(_cdiv(width, meta["BLOCK_N"]), meta.get("N_BLOCKS", 1)),
+            meta.get("PERSISTENT", False),
+        ),
     )
     if section.fixed is None:
         fit = None

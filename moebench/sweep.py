@@ -317,12 +317,14 @@ def _layer_stats(stats: dict) -> dict | None:
 
 
 def _config_label(config: dict) -> str:
-    """'128x64 w8 s3 TMA': BLOCK_N x BLOCK_K, warps, stages, and the options set."""
+    """'128x64 w8 s3 TMA persistent': BLOCK_N x BLOCK_K, warps, stages, the options set."""
     label = (
         f"{config['BLOCK_N']}x{config['BLOCK_K']} w{config['num_warps']} s{config['num_stages']}"
     )
     if config.get("TMA"):
         label += " TMA"
+    if config.get("PERSISTENT"):
+        label += " persistent"
     if config.get("N_BLOCKS", 1) > 1:
         label += f" {config['N_BLOCKS']} col blocks"
     return label

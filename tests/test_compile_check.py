@@ -24,6 +24,8 @@ print(json.dumps({
     "tall_listed": any(c.kernel == tall.kernel and c.block_m == 128 and c.config == config
                        for c in listed),
     "groups": sorted({f"{c.kernel}/{c.variant}/{c.block_m}" for c in listed}),
+    "persistent": sorted({f"{c.kernel}/{c.variant}/{c.block_m}" for c in listed
+                          if c.config.get("PERSISTENT")}),
 }))
 """
 
@@ -49,6 +51,8 @@ def test_spilling_config_is_found_and_pruned():
     assert {"expert_grad/gate_up/0", "expert_grad/down/0"} <= groups
     assert {f"schedule/{k}/0" for k in ("rows", "slots", "counted")} <= groups
     assert "combine/pairs/0" in groups
+    # The persistent configs: prefill's tuned tiles of 64 and 128 rows (TMA needs 64).
+    assert out["persistent"] == [f"{k}/prefill/{m}" for k in ("down", "gate_up") for m in (128, 64)]
 
 
 def test_refuses_the_interpreter():

@@ -224,7 +224,7 @@ def test_programs_loop_where_most_slots_stay_empty():
     """A section launches a program per slot's items, or as many as its S rows make in full
     tiles where that is fewer, but never fewer than the device holds at once."""
     # scale-out at E=8192 (S=32768, 16-row tiles, 8 column blocks) on a 132-SM GPU
-    section = fused.Section(0, 10240, 16, None, 1, packed=2048, floor=132 * 32)
+    section = fused.Section(0, 10240, 16, None, 1, packed=2048, floor=132 * 32, sms=132)
     assert section.loop and section.programs(8) == 2048 * 8
     assert section.programs(1) == 132 * 32  # narrow experts: the floor
     one_token = section._replace(slots=8, packed=1)  # K = 8 one-row tiles, all real
@@ -233,6 +233,9 @@ def test_programs_loop_where_most_slots_stay_empty():
     assert not sonic.loop and sonic.programs(16) == 1088 * 16
     tall = section._replace(block_m=64, packed=512)  # taller tiles never loop
     assert not tall.loop and tall.programs(8) == 10240 * 8
+    # a persistent config: a program an SM, fewer where there are fewer items than SMs
+    assert sonic.programs(16, persistent=True) == 132
+    assert one_token.programs(8, persistent=True) == 8 * 8
 
 
 def test_tile_heights_are_checked():
@@ -443,6 +446,90 @@ def test_prune_loops_column_blocks_for_one_step_reductions_only(monkeypatch):
         looped = [c for c in kept if c.kwargs.get("N_BLOCKS", 1) > 1]
         assert bool(looped) == offered, (F, block_m)
         assert all(c.kwargs["BLOCK_K"] >= F for c in looped)
+
+
+def test_prune_offers_persistent_configs_with_tma_only(monkeypatch):
+    """The persistent configs are TMA configs, for tiles of 64 rows or more; their blocks
+    over F (gate_up's 128 columns, down's 64-deep reduction) for wide experts only (near F);
+    never on the decode path."""
+    monkeypatch.setattr(fused, "_INTERPRET", False)  # the compiled search spaces
+    for kernel in ("gate_up", "down"):
+        configs = fused._configs("prefill", kernel, tma=True)
+        persistent = [c for c in configs if c.kwargs.get("PERSISTENT")]
+        assert persistent and all(c.kwargs["TMA"] for c in persistent)
+        assert not any(c.kwargs.get("PERSISTENT") for c in fused._configs("decode", kernel))
+        assert not any(c.kwargs.get("PERSISTENT") for c in fused._configs("prefill", kernel))
+        for F, block_m in [(1024, 128), (1024, 64), (1024, 32), (8, 128)]:
+            kept = fused._prune(kernel)(configs, {"F": F}, BLOCK_M=block_m)
+            offered = any(c.kwargs.get("PERSISTENT") for c in kept)
+            assert offered == (block_m >= 64 and F == 1024), (kernel, F, block_m)
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("combine", fused.COMBINES)
+def test_persistent_configs_match_the_one_item_programs(monkeypatch, tma, combine):
+    """A persistent config runs the same items in programs that loop over them (two
+    programs under the interpreter, each taking several items at both tile heights): the
+    output is the one-item-a-program config's, bit for bit (atomic: to rounding), and the
+    reference's; so are the gradients, whose dx goes through the down kernel."""
+    import triton
+
+    dtype = torch.float16 if tma else torch.float32
+    monkeypatch.setattr(fused, "BIG_M", 32)
+    case = make_case(T=100, D=48, F=40, E=16, K=2, dtype=dtype, hot_expert=2)
+    dy_TD = torch.randn(100, 48, generator=torch.Generator().manual_seed(5))
+    dy_TD = dy_TD.to(dtype=dtype, device=DEVICE)
+    outs = []
+    for persistent in (False, True):
+        flags = {"TMA": True} if tma else {}
+        flags |= {"PERSISTENT": True} if persistent else {}
+        config = triton.Config(
+            {"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_SIZE_M": 4, **flags},
+            pre_hook=fused._fit_descriptors,
+        )
+        for tuners in (fused._GATE_UP, fused._DOWN):
+            monkeypatch.setattr(tuners["prefill", tma], "configs", [config])
+        monkeypatch.setattr(fused, "_TUNED", {})
+        out, stats = run(case, combine)
+        assert stats["path"] == "prefill" and stats["big_m"] == 32
+        assert stats["config"]["gate_up"].get("PERSISTENT", False) == persistent
+        assert stats["config"]["down"].get("PERSISTENT", False) == persistent
+        again, _ = run(case, combine)  # the tuned, direct path
+        assert combine == "atomic" or torch.equal(again, out)
+        outs.append(out)
+        got = run_backward(case, dy_TD, combine)
+        assert_grads_match(got, reference_grads(case, dy_TD), case[1], dtype)
+    assert rel_err(outs[1], reference(*case)) < TOLERANCE[dtype]
+    if combine == "pairs":
+        assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="bf16 loads are wrong under the interpreter")
+def test_persistent_search_configs_match_the_one_item_programs(monkeypatch):
+    """The search space's persistent configs, compiled (their loops flattened), at bf16 and
+    128-row tiles: the output is that of the same blocks one item a program, bit for bit."""
+    import triton
+
+    case = make_case(T=1024, D=512, F=256, E=8, K=2, dtype=torch.bfloat16)
+    outs = []
+    for persistent in (False, True):
+        for kernel, tuners in (("gate_up", fused._GATE_UP), ("down", fused._DOWN)):
+            config = next(
+                c for c in fused._configs("prefill", kernel, tma=True) if c.kwargs.get("PERSISTENT")
+            )
+            kwargs = {k: v for k, v in config.kwargs.items() if persistent or k != "PERSISTENT"}
+            config = triton.Config(
+                kwargs, num_warps=config.num_warps, num_stages=config.num_stages,
+                pre_hook=config.pre_hook,
+            )  # fmt: skip
+            monkeypatch.setattr(tuners["prefill", True], "configs", [config])
+        monkeypatch.setattr(fused, "_TUNED", {})
+        out, stats = run(case)
+        assert (stats["block_m"], stats["big_m"]) == (128, 0)
+        assert stats["config"]["down"].get("PERSISTENT", False) == persistent
+        outs.append(out)
+    assert rel_err(outs[1], reference(*case)) < 1e-2
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_tma_only_where_tensors_allow_it(tma_only):

@@ -369,12 +369,14 @@ def test_real_layers_on_the_tiny_profile():
 
 def test_tuned_kernels_are_labelled():
     config = {"BLOCK_N": 64, "BLOCK_K": 128, "GROUP_SIZE_M": 1, "num_warps": 4, "num_stages": 3}
-    stats = {"path": "decode", "block_m": 16, "big_m": 0, "tile_slots": 9, "combine": "pairs",
-             "config": {"gate_up": config, "down": {**config, "TMA": True}}}  # fmt: skip
+    down = {**config, "TMA": True, "PERSISTENT": True}
+    stats = {"path": "prefill", "block_m": 64, "big_m": 0, "tile_slots": 9, "combine": "pairs",
+             "config": {"gate_up": config, "down": down}}  # fmt: skip
     assert sweep.tuned_kernels(stats) == {
-        "path": "decode", "tiles": 16, "gate_up": "64x128 w4 s3", "down": "64x128 w4 s3 TMA"
+        "path": "prefill", "tiles": 64, "gate_up": "64x128 w4 s3",
+        "down": "64x128 w4 s3 TMA persistent",
     }  # fmt: skip
-    assert sweep.tuned_kernels({**stats, "big_m": 128})["tiles"] == "128 + 16"
+    assert sweep.tuned_kernels({**stats, "big_m": 128})["tiles"] == "128 + 64"
     del stats["config"]  # the triton layer under autograd reports no configs
     for other in (stats, {"grouped_mm": True}, None):
         assert sweep.tuned_kernels(other) is None

@@ -106,8 +106,9 @@ def check(name, T, D, F, E, K, skew):
         assert a == b, f"launch {i}:\n  run:    {a}\n  direct: {b}"
     tiles = f"tiles {stats['block_m']}" + (f" + {stats['big_m']}" if stats["big_m"] else "")
     descriptors = sum(a[0] == "descriptor" for *_, args in direct for a in args if type(a) is tuple)
+    persistent = sorted(k for k, c in stats["config"].items() if c.get("PERSISTENT"))
     print(f"{name}: {len(direct)} launches, the same arguments ({stats['path']}, {tiles}, "
-          f"{descriptors} TMA descriptors)")  # fmt: skip
+          f"{descriptors} TMA descriptors, persistent: {' '.join(persistent) or '-'})")  # fmt: skip
 
 
 def main():
@@ -121,11 +122,12 @@ def main():
 
     jit.JITFunction.run = counted
     fused._check_runnable = lambda x_TD: None  # CPU tensors stand for GPU ones
-    fused._FLOORS[torch.device("cpu")] = 132 * fused._BLOCKS_PER_SM
+    fused._RESIDENT[torch.device("cpu")] = (132 * fused._BLOCKS_PER_SM, 132)
     check("decode-1", T=1, D=128, F=64, E=16, K=4, skew="random")
     check("decode-8", T=8, D=128, F=64, E=16, K=4, skew="random")
-    # BLOCK_M 64 with 128-row tiles beside: TMA descriptors in the tuned section
-    check("prefill", T=256, D=128, F=64, E=8, K=2, skew="hot:0.5")
+    # BLOCK_M 64 with 128-row tiles beside: TMA descriptors and the persistent configs
+    # (pick_last; F wide enough for their blocks) in the tuned section
+    check("prefill", T=256, D=128, F=128, E=8, K=2, skew="hot:0.5")
 
 
 if __name__ == "__main__":
