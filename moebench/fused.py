@@ -770,7 +770,8 @@ _EXPERT_GRAD = {
 # routing came first, often one with no tall tile at all. Prefill's 128 x 128 blocks with 8
 # warps are the Hopper matmul shape; decode's narrow, deep blocks are the shapes its tuners
 # pick for 16-row tiles (many programs streaming the weights). Blocks over F shrink for
-# narrow experts (_big_config). No spills for sm_90 with triton 3.6 or 3.9:
+# narrow experts, and prefill's read through TMA where F leaves them whole (_big_config).
+# No spills for sm_90 with triton 3.6 or 3.9:
 # `python -m moebench.compile_check` builds these too.
 BIG_M = 128
 DECODE_BIG_M = 64
@@ -1120,11 +1121,17 @@ def _big_config(path, F):
     """The big tiles' fixed configs by kernel for experts F wide: _BIG_CONFIG's, with
     gate_up's column block (over F) and down's reduction block (over F) cut to F as a
     power of two, at least 16 (tl.dot's least). A 128-wide block over an 8-wide expert
-    (iso-params at E = 8192) multiplies 16 times the columns there are."""
+    (iso-params at E = 8192) multiplies 16 times the columns there are.
+
+    Prefill's gate_up and down configs whose blocks F leaves whole read through TMA (TMA,
+    where the launch has descriptors: _tile_launch). In every 128-row section of the H200
+    run, the tuners picked a TMA config over the same blocks through pointers."""
     fit = max(16, _pow2(F))
     configs = dict(_BIG_CONFIG[path])
     for kernel, dim in ((_gate_up_kernel, "BLOCK_N"), (_down_kernel, "BLOCK_K")):
-        configs[kernel] = {**configs[kernel], dim: min(configs[kernel][dim], fit)}
+        config = configs[kernel]
+        tma = {"TMA": True} if path == "prefill" and config[dim] <= fit else {}
+        configs[kernel] = {**config, dim: min(config[dim], fit), **tma}
     return configs
 
 
@@ -1156,7 +1163,8 @@ def _tile_launch(tuner, section, width, args, key, descriptors=None, **constexpr
     """A tile kernel over one section's items: (tile, BLOCK_N block of width), or (tile,
     N_BLOCKS such blocks) where the config sets N_BLOCKS (down); section.programs of them.
 
-    descriptors: the launch's TMA descriptors by argument name (tuned sections only).
+    descriptors: the launch's TMA descriptors by argument name (for tuned sections, and for
+    big tiles whose fixed config reads through TMA: without them it reads through pointers).
     """
     grid = lambda meta: (
         section.programs(
@@ -1172,6 +1180,11 @@ def _tile_launch(tuner, section, width, args, key, descriptors=None, **constexpr
             tuner, grid, args, key, fit, BLOCK_M=section.block_m, LOOP=section.loop, **constexprs
         )
     config = section.fixed[tuner.fn]
+    if config.get("TMA"):
+        if descriptors:
+            _fit_descriptors({"BLOCK_M": section.block_m, **config, **descriptors})
+        else:  # fp32, unaligned rows, dx's transposed gate_up: the blocks through pointers
+            config = {**config, "TMA": False}
     meta = {"BLOCK_M": section.block_m, "LOOP": section.loop, **constexprs, **config}
     _run(tuner.fn, grid(config), args, meta)
     return config
@@ -1194,7 +1207,8 @@ def gate_up_swiglu(x_TD, gate_up_E2FD, schedule, sections, top_k, path, t_bucket
     tuner = _GATE_UP[path, bool(descs)]
     config = None
     for section in sections:
-        d = descs if section.fixed is None else {}  # big tiles: a fixed pointer config
+        # tuned tiles, and big ones whose fixed config reads through TMA
+        d = descs if section.fixed is None or section.fixed[_gate_up_kernel].get("TMA") else {}
         args = (
             x_TD, gate_up_E2FD, h_SF, schedule.order_S, schedule.expert_N, schedule.start_N,
             schedule.end_N, schedule.count_2, d.get("w_desc"), D, F, top_k, E, t_bucket,
@@ -1243,7 +1257,8 @@ def down_combine(h_SF, down_EDF, weights_S, schedule, sections, out_TD, top_k, p
     config = None
     weighted = weights_S is not None
     for section in sections:
-        d = descs if section.fixed is None else {}  # big tiles: a fixed pointer config
+        # tuned tiles, and big ones whose fixed config reads through TMA
+        d = descs if section.fixed is None or section.fixed[_down_kernel].get("TMA") else {}
         args = (
             h_SF, down_EDF, y, schedule.order_S, weights_S, schedule.expert_N, schedule.start_N,
             schedule.end_N, schedule.count_2, d.get("h_desc"), d.get("w_desc"), D, F, top_k, E,

@@ -359,14 +359,43 @@ def test_collapse_runs_tall_tiles():
 @pytest.mark.parametrize("path", fused.PATHS)
 def test_big_tiles_fit_narrow_experts(path, F):
     """The big tiles' fixed configs: gate_up's column block and down's reduction block are
-    cut to F as a power of two (at least 16) where F is narrower; nothing else changes."""
+    cut to F as a power of two (at least 16) where F is narrower; on the prefill path, those
+    that F leaves whole read through TMA; nothing else changes."""
     base, got = fused._BIG_CONFIG[path], fused._big_config(path, F)
     fit = max(16, 1 << (F - 1).bit_length())
     for kernel, dim in ((fused._gate_up_kernel, "BLOCK_N"), (fused._down_kernel, "BLOCK_K")):
-        assert got[kernel] == {**base[kernel], dim: min(base[kernel][dim], fit)}
+        whole = base[kernel][dim] <= fit
+        tma = {"TMA": True} if path == "prefill" and whole else {}
+        assert got[kernel] == {**base[kernel], dim: min(base[kernel][dim], fit), **tma}
     assert got[fused._swiglu_backward_kernel] == base[fused._swiglu_backward_kernel]
     if F <= 16:
         assert got[fused._gate_up_kernel]["BLOCK_N"] == 16 < base[fused._gate_up_kernel]["BLOCK_N"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_big_tiles_read_through_tma_where_the_tensors_allow(monkeypatch, dtype):
+    """Prefill's big tiles launch gate_up and down with TMA and their descriptors where the
+    tensors allow it (16-bit), through pointers without (fp32: no descriptor); the output
+    is the reference's either way."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    monkeypatch.setattr(fused, "BIG_M", 32)
+    launches, direct = [], fused._run
+
+    def spy(fn, grid, args, meta):
+        if meta.get("BLOCK_M") == 32:
+            has_desc = any(isinstance(a, TensorDescriptor) for a in args)
+            launches.append((fn, bool(meta.get("TMA")), has_desc))
+        direct(fn, grid, args, meta)
+
+    monkeypatch.setattr(fused, "_run", spy)
+    case = make_case(T=100, D=48, F=40, E=16, K=2, dtype=dtype, hot_expert=2)
+    out, stats = run(case)
+    assert (stats["block_m"], stats["big_m"]) == (16, 32)
+    want = dtype == torch.float16
+    assert {fn for fn, *_ in launches} == {fused._gate_up_kernel, fused._down_kernel}
+    assert all(tma == want and has_desc == want for _, tma, has_desc in launches), launches
+    assert rel_err(out, reference(*case)) < TOLERANCE[dtype]
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ STUB = Path(__file__).parent / "stub_cuda"
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="triton builds its launchers with gcc")
 def test_direct_launches_pass_what_triton_passes(tmp_path):
     """Decode at T = 1 (no schedule launch), T = 8 (the counting schedule) and prefill with
-    two tile heights, TMA descriptors and the persistent configs: every launch's grid,
+    two tile heights, TMA descriptors at both and the persistent configs: every launch's grid,
     stream, kernel, metadata and arguments as triton's run gives them, and no run once each
     kernel is compiled."""
     lib = tmp_path / "lib"
@@ -43,4 +43,5 @@ def test_direct_launches_pass_what_triton_passes(tmp_path):
     assert [line.split(":")[0] for line in lines] == ["decode-1", "decode-8", "prefill"], lines
     # gate_up, down and the pair sum; the counting schedule; two heights and the sort's two
     assert "3 launches" in lines[0] and "4 launches" in lines[1] and "7 launches" in lines[2]
-    assert "tiles 64 + 128, 3 TMA descriptors, persistent: down gate_up" in lines[2]
+    # gate_up's weights and down's h and weights, at both heights
+    assert "tiles 64 + 128, 6 TMA descriptors, persistent: down gate_up" in lines[2]
