@@ -587,6 +587,15 @@ def _configs(path, kernel, tma=False):
         shapes += [(16, 128, 4, 3), (16, 256, 4, 3)]
         # TMA boxes for the weights (x's rows are gathered, so they stay pointer loads).
         tma_shapes = [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4)]
+        # Persistent (PERSISTENT: one program an SM, looping over the items). A program that
+        # ends with its tile leaves the SM to its epilogue and the next program's first
+        # loads, unless another program shares the SM (the 128-wide TMA shape takes 144 KiB
+        # of shared memory at 128 rows: one an SM); a persistent one loads its next tile
+        # during its epilogue. Its flattened loop holds the two accumulators in 255
+        # registers without spilling at 128 rows (ptxas, sm_90, triton 3.6 and 3.9). Both
+        # stage counts: at 128 rows the H200 run's tuners picked 4 in 16 of 19 sections
+        # (persistent: 224 KiB of shared memory, under 227).
+        persistent = [(128, 64, 8, 3), (128, 64, 8, 4)]
     else:
         # Narrow experts give down a short reduction (F) over a wide output (D): wide, shallow
         # blocks make fewer, longer programs (_prune drops those that would spill at tall
@@ -599,14 +608,9 @@ def _configs(path, kernel, tma=False):
         looped = [(256, 16, 4, 3, 4), (256, 16, 4, 3, 8), (256, 32, 4, 3, 8)]
         # TMA boxes for both operands (a tile's rows of h are contiguous).
         tma_shapes = [(128, 64, 8, 3), (256, 64, 8, 3), (128, 64, 4, 4)]
-    # Persistent (PERSISTENT: one program an SM, looping over the items). A program that
-    # ends with its tile leaves the SM to its epilogue and the next program's first loads,
-    # unless another program shares the SM (gate_up's 128-wide TMA shape takes 144 KiB of
-    # shared memory at 128 rows: one an SM); a persistent one loads its next tile during
-    # its epilogue. The 8-warp TMA shape whose accumulators the flattened loop holds
-    # without spilling at 128 rows (gate_up 255 registers, down 180-204; 256-wide down
-    # blocks spill 44-112 B: ptxas, sm_90, triton 3.6 and 3.9). The tuners time both.
-    persistent = [(128, 64, 8, 3)]
+        # Persistent as gate_up's: 180-204 registers at 128 rows; 256-wide blocks spill
+        # there when persistent (44-112 B).
+        persistent = [(128, 64, 8, 3)]
     groups = [({}, shapes)]
     if kernel == "down":
         groups += [({"N_BLOCKS": nb}, [(n, k, w, s)]) for n, k, w, s, nb in looped]
