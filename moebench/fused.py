@@ -585,6 +585,15 @@ def _configs(path, kernel, tma=False):
               (32, 128, 4, 3), (64, 128, 4, 3)]  # fmt: skip
     if kernel == "gate_up":
         shapes += [(16, 128, 4, 3), (16, 256, 4, 3)]
+        # Decode's deeper shapes, for tiles of up to 32 rows (_prune), which stream the
+        # weights as decode's 16-row tiles do. On those, decode's tuners picked 256-deep
+        # blocks for gate_up at 4 of the H200 run's 8 points (3 of the 4 at T = 64), and
+        # its balanced points ran at 0.98-1.06 of the copy bandwidth, where prefill's 16-row
+        # sections, which could not pick them, ran at 0.44-0.49 of the roofline (iso-params
+        # E = 512 to 2048, balanced and random routing).
+        # Not decode's 64 x 128 and 64 x 256 with 4 stages: at 32 rows the first spills 4 B
+        # looping (triton 3.9) and the second takes 240 KiB of shared memory.
+        shapes += [(32, 128, 4, 4), (32, 256, 4, 3), (32, 256, 4, 4), (64, 256, 4, 3)]
         # TMA boxes for the weights (x's rows are gathered, so they stay pointer loads).
         tma_shapes = [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4)]
         # Persistent (PERSISTENT: one program an SM, looping over the items). A program that
@@ -666,13 +675,16 @@ def _prune(kernel):
     tile height is only known per problem. Fewer candidates also shorten the first call's
     tuning. TMA configs are for tiles of 64 rows or more: shorter ones compile to mma.sync
     rather than wgmma for sm_90 and are bound by the weight bytes, where the bulk copies are
-    not worth their compile and tuning time.
+    not worth their compile and tuning time; 256-deep blocks, which stream those weights,
+    for tiles of up to 32 rows.
     """
     dim = "BLOCK_K" if kernel == "down" else "BLOCK_N"
 
     def prune(configs, nargs, **kwargs):
         if kwargs["BLOCK_M"] < 64:
             configs = [c for c in configs if not c.kwargs.get("TMA")]
+        else:  # 256-deep blocks are for short tiles (16 x 256 at 128 rows: 240 KiB of smem)
+            configs = [c for c in configs if c.kwargs["BLOCK_K"] < 256]
         if kernel == "swiglu_backward" and kwargs.get("LOOP") and kwargs["BLOCK_M"] >= 32:
             # Looping, 32 x 32 x 128 (4 warps, 2 stages) takes 255 registers and spills 40 B,
             # where one item a program takes 202 (ptxas, sm_90, triton 3.6).

@@ -590,6 +590,10 @@ def test_prune_keeps_blocks_near_the_expert_width(monkeypatch):
     assert block(fused._prune("gate_up")(gate_up, {"F": 64}, BLOCK_M=16), "BLOCK_N") == {32, 64}
     wide = fused._prune("gate_up")(gate_up, {"F": 1024}, BLOCK_M=128)
     assert 16 not in block(wide, "BLOCK_N") and len(wide) > 4
+    # 256-deep blocks (decode's) for short tiles only
+    for block_m, deep in [(16, True), (32, True), (64, False), (128, False)]:
+        kept = fused._prune("gate_up")(gate_up, {"F": 1024}, BLOCK_M=block_m)
+        assert (256 in block(kept, "BLOCK_K")) == deep, block_m
     narrow_down = fused._prune("down")(down, {"F": 8}, BLOCK_M=16)
     assert block(narrow_down, "BLOCK_K") == {16} and 256 in block(narrow_down, "BLOCK_N")
     tall_down = fused._prune("down")(down, {"F": 1024}, BLOCK_M=128)
