@@ -499,8 +499,9 @@ def test_prune_offers_persistent_configs_with_tma_only(monkeypatch):
 def test_persistent_configs_match_the_one_item_programs(monkeypatch, tma, combine):
     """A persistent config runs the same items in programs that loop over them (two
     programs under the interpreter, each taking several items at both tile heights): the
-    output is the one-item-a-program config's, bit for bit (atomic: to rounding), and the
-    reference's; so are the gradients, whose dx goes through the down kernel."""
+    output is the reference's, and with the pairs combine the one-item-a-program config's
+    bit for bit; so are the gradients, whose dx goes through the down kernel. The search
+    space's persistent configs read through TMA; the pointer case checks the loop in fp32."""
     import triton
 
     dtype = torch.float16 if tma else torch.float32
@@ -534,18 +535,19 @@ def test_persistent_configs_match_the_one_item_programs(monkeypatch, tma, combin
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="bf16 loads are wrong under the interpreter")
-def test_persistent_search_configs_match_the_one_item_programs(monkeypatch):
-    """The search space's persistent configs, compiled (their loops flattened), at bf16 and
-    128-row tiles: the output is that of the same blocks one item a program, bit for bit."""
+@pytest.mark.parametrize("pick", [0, -1], ids=["first", "last"])
+def test_persistent_search_configs_match_the_one_item_programs(monkeypatch, pick):
+    """The search space's persistent configs (each kernel's first, then its last: gate_up
+    has two), compiled with their loops flattened, at bf16 and 128-row tiles: the output is
+    that of the same blocks one item a program, bit for bit."""
     import triton
 
     case = make_case(T=1024, D=512, F=256, E=8, K=2, dtype=torch.bfloat16)
     outs = []
     for persistent in (False, True):
         for kernel, tuners in (("gate_up", fused._GATE_UP), ("down", fused._DOWN)):
-            config = next(
-                c for c in fused._configs("prefill", kernel, tma=True) if c.kwargs.get("PERSISTENT")
-            )
+            configs = fused._configs("prefill", kernel, tma=True)
+            config = [c for c in configs if c.kwargs.get("PERSISTENT")][pick]
             kwargs = {k: v for k, v in config.kwargs.items() if persistent or k != "PERSISTENT"}
             config = triton.Config(
                 kwargs, num_warps=config.num_warps, num_stages=config.num_stages,
