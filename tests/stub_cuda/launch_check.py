@@ -111,8 +111,16 @@ def check(name, T, D, F, E, K, skew):
           f"{descriptors} TMA descriptors, persistent: {' '.join(persistent) or '-'})")  # fmt: skip
 
 
-def main():
+def use_stub():
+    """Launch the triton layer on the stub: triton's CUDA driver, sm_90 with an H100's SMs,
+    CPU tensors standing for GPU ones."""
     driver.set_active(Hopper())
+    fused._check_runnable = lambda x_TD: None
+    fused._RESIDENT[torch.device("cpu")] = (132 * fused._BLOCKS_PER_SM, 132)
+
+
+def main():
+    use_stub()
     autotuner.Autotuner.run = pick_last
     run = jit.JITFunction.run
 
@@ -121,8 +129,6 @@ def main():
         return run(self, *args, **kwargs)
 
     jit.JITFunction.run = counted
-    fused._check_runnable = lambda x_TD: None  # CPU tensors stand for GPU ones
-    fused._RESIDENT[torch.device("cpu")] = (132 * fused._BLOCKS_PER_SM, 132)
     check("decode-1", T=1, D=128, F=64, E=16, K=4, skew="random")
     check("decode-8", T=8, D=128, F=64, E=16, K=4, skew="random")
     # BLOCK_M 64 with 128-row tiles beside: TMA descriptors and the persistent configs
