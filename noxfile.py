@@ -51,21 +51,19 @@ def tests(session: nox.Session) -> None:
 def compile_check(session: nox.Session) -> None:
     """Every Triton config the triton layer can launch, compiled for Hopper (sm_90) with the
     installed triton and its ptxas, no GPU needed: fails on a config that does not build or
-    spills registers (moebench.compile_check; `-- --only down` narrows it)."""
+    spills registers (tools/compile_check.py; `-- --only down` narrows it)."""
     install(session, "dev")
-    session.run(
-        "python", "-m", "moebench.compile_check", *session.posargs, env={"TRITON_INTERPRET": "0"}
-    )
+    session.run("python", "tools/compile_check.py", *session.posargs, env={"TRITON_INTERPRET": "0"})
 
 
 @nox.session
 def regress(session: nox.Session) -> None:
     """The regression gate: a baseline against the working tree on the same grid, then the
-    verdict table (moebench.gate). `-- --baseline REV|RUN.json` (default: the merge base
+    verdict table (`moebench regress`). `-- --baseline REV|RUN.json` (default: the merge base
     with main), `--rounds N`, `--threshold X`, `--output DIR`; the profile is gpu where
     CUDA is available, else the small CPU gate grid."""
     install(session, "bench")
-    session.run("python", "-m", "moebench.gate", "regress", *session.posargs)
+    session.run("python", "-m", "moebench", "regress", *session.posargs)
 
 
 @nox.session
@@ -75,7 +73,7 @@ def microbench(session: nox.Session) -> None:
     (stored by the first run on a machine; `-- --benchmark-save=NAME` stores another;
     `-- --benchmark-compare-fail=min:10%` adds a tighter check on a quiet machine)."""
     install(session, "dev")
-    machine = _python(session, "from moebench.harness import machine_name; print(machine_name())")
+    _, machine = _where(session)
     storage = Path("results", "microbench", machine)
     if any(storage.glob("*/*.json")):
         # The minimum, not the median: on a shared CPU, neighbours only ever add time; and
@@ -101,22 +99,27 @@ def microbench(session: nox.Session) -> None:
     )
 
 
-def _python(session: nox.Session, code: str) -> str:
-    """The last line that `python -c code` prints in the session's interpreter."""
-    return session.run("python", "-c", code, silent=True).strip().splitlines()[-1]
+def _where(session: nox.Session, profile: str | None = None) -> tuple[str, str]:
+    """(profile, machine): `moebench where`, in the session's interpreter; the profile is
+    `profile`, else this machine's default."""
+    args = ["--profile", profile] if profile else []
+    out = (
+        session.run("python", "-m", "moebench", "where", *args, silent=True)
+        .strip()
+        .splitlines()[-1]
+    )
+    name, machine = out.split(" ", 1)
+    return name, machine
 
 
 def _sweep(session: nox.Session, results: str, profile: str | None, *args) -> tuple:
     """Sweep the profile (default: this machine's) into results/<profile>-<machine>/
     run-<UTC time>.json with `args` and the session's extra args; (profile, machine, run)."""
-    profile = profile or _python(
-        session, "from moebench.grid import default_profile_name as f; print(f())"
-    )
-    host = _python(session, "from moebench.harness import machine_name; print(machine_name())")
+    profile, host = _where(session, profile)
     machine = f"{profile}-{host}"
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     run = os.path.abspath(f"{results}/{machine}/run-{stamp}.json")
-    session.run("python", "-m", "moebench.sweep", "--profile", profile, "--output", run, *args,
+    session.run("python", "-m", "moebench", "sweep", "--profile", profile, "--output", run, *args,
                 *session.posargs)  # fmt: skip
     return profile, machine, run
 
@@ -127,11 +130,9 @@ def _bench(session: nox.Session, results: str, profile: str | None, asv_args=())
     profile, machine, run = _sweep(session, results, profile)
     env = {"MOEBENCH_PROFILE": profile, "MOEBENCH_RUN": run}
     commit = session.run("git", "rev-parse", "HEAD", external=True, silent=True).strip()
-    # `asv machine --yes --machine NAME` keeps only the fields that differ from its
-    # defaults; record them all, with the GPU beside the CPU.
-    session.run("python", "-c", "import asv.machine as m, moebench.harness as h; "
-                f"m.Machine.load(machine_name={machine!r}, **{{**m.Machine.get_defaults(), "
-                f"**h.asv_machine(), 'machine': {machine!r}}})", silent=True)  # fmt: skip
+    # Every field of the machine, with the GPU beside the CPU (asv's own `asv machine`
+    # keeps only the fields that differ from its defaults).
+    session.run("python", "-m", "moebench", "asv-machine", machine, silent=True)
     session.run("asv", "run", "--environment", "existing", "--set-commit-hash", commit,
                 "--machine", machine, *asv_args, env=env)  # fmt: skip
     return run
@@ -142,18 +143,18 @@ def bench(session: nox.Session) -> None:
     """The benchmark: every implementation over the sweep families on this machine's
     profile (gpu with CUDA, else the labelled cpu one; MOEBENCH_PROFILE=gpu|cpu|tiny
     chooses), written to results/<profile>-<machine>/run-<time>.json and recorded by asv
-    under results/asv, then the triton layer's target table of the run (issue 5; each
+    under results/asv, then the triton layer's target table of the run (each
     target "not measured" where the run has no points for it: Triton needs CUDA). Extra
-    args go to `python -m moebench.sweep`, e.g. `nox -s bench -- --families models
+    args go to `moebench sweep`, e.g. `nox -s bench -- --families models
     --flush-l2`."""
     install(session, "bench")
     run = _bench(session, "results", os.environ.get("MOEBENCH_PROFILE"))
-    session.run("python", "-m", "moebench.targets", run)
+    session.run("python", "-m", "moebench", "targets", run)
 
 
 @nox.session
 def targets(session: nox.Session) -> None:
-    """The triton layer's targets (issue 5, set for an H100): the forward families for
+    """The triton layer's targets (set for an H100): the forward families for
     `sorted` and `triton` only, then the report (summary.md, its tuned kernels and target
     table), the target table printed, and the 8 largest kernels (torch.profiler) and host
     functions (cProfile) of the triton layer at the worst point and the median miss of each
@@ -163,8 +164,8 @@ def targets(session: nox.Session) -> None:
     families = "sonicmoe,scale-out,iso-params,models"
     _, _, run = _sweep(session, "results", os.environ.get("MOEBENCH_PROFILE"),
                        "--families", families, "--impls", "sorted,triton")  # fmt: skip
-    session.run("python", "-m", "moebench.report", run)
-    session.run("python", "-m", "moebench.targets", run, "--kernels", "8")
+    session.run("python", "-m", "moebench", "report", run)
+    session.run("python", "-m", "moebench", "targets", run, "--kernels", "8")
 
 
 @nox.session
@@ -174,7 +175,7 @@ def report(session: nox.Session) -> None:
     install(session, "bench")
     if os.path.isdir("results/asv"):
         session.run("asv", "publish")
-    session.run("python", "-m", "moebench.report", *session.posargs)
+    session.run("python", "-m", "moebench", "report", *session.posargs)
 
 
 def _asv_config(folder: str) -> str:
@@ -204,6 +205,6 @@ def smoke(session: nox.Session) -> None:
     tiny = {"MOEBENCH_PROFILE": "tiny"}
     session.run("asv", "check", *config, "--environment", "existing", env=tiny)
     run = _bench(session, tmp, "tiny", asv_args=config)
-    session.run("python", "-m", "moebench.targets", run)
-    session.run("python", "-m", "moebench.report", run)
+    session.run("python", "-m", "moebench", "targets", run)
+    session.run("python", "-m", "moebench", "report", run)
     session.run("asv", "publish", *config)

@@ -1,6 +1,6 @@
 """asv suites: every implementation over the sweep families, each point and skew.
 
-Thin by design: `setup_cache` returns the records of one sweep run (moebench.sweep
+Thin by design: `setup_cache` returns the records of one sweep run (moebench.bench.sweep
 measures, with weights generated once per point); the track_ methods look their point up.
 All suites share that one setup_cache (asv keys the cache by the function, and every
 class inherits the same one), so the grid is measured once per `asv run`, in one fresh
@@ -16,7 +16,8 @@ this module imports torch but never initializes CUDA.
 
 import pathlib
 
-from moebench import grid, harness, sweep
+from moebench.bench import asv, grid
+from moebench.bench.environment import HARNESS_VERSION
 
 PROFILE = grid.get_profile()
 RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results"
@@ -30,17 +31,17 @@ class _Sweep:
     param_names = ("point", "impl", "skew")
     # What the numbers mean is fixed by the harness, not by this file's source: results
     # stay on one curve across commits until the harness version changes.
-    version = harness.HARNESS_VERSION
+    version = HARNESS_VERSION
     family = ""
     metrics = ()
 
     def setup_cache(self):
-        return sweep.asv_records(PROFILE, RESULTS)
+        return asv.asv_records(PROFILE, RESULTS)
 
     setup_cache.timeout = PROFILE.timeout_s
 
     def setup(self, records, point, impl, skew):
-        self.record = sweep.asv_lookup(records, self.family, point, impl, skew, self.metrics)
+        self.record = asv.asv_lookup(records, self.family, point, impl, skew, self.metrics)
 
 
 class _Time(_Sweep):

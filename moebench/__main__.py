@@ -1,4 +1,4 @@
-"""`python -m moebench`: the command-line comparison (see moebench.cli)."""
+"""`python -m moebench`: the `moebench` command (see moebench.cli)."""
 
 import sys
 

@@ -1,27 +1,40 @@
-"""`moebench` / `python -m moebench`: a quick comparison of implementations on one shape.
+"""`moebench` (and `python -m moebench`): every command of the benchmark.
 
-    moebench --preset qwen3-235b-a22b --tokens 64 --impls naive,sorted --skews balanced,zipf:1.2
-    moebench --d-model 1024 --d-ff 512 --experts 256 --top-k 8 --tokens 4096
+    moebench compare --preset qwen3-235b-a22b --tokens 64 --impls naive,sorted
+    moebench sweep [--profile gpu|cpu|tiny] [--families ...]   # a profile's run file
+    moebench report [RUN.json ...]                             # tables and plots
+    moebench targets RUN.json [--kernels N]                    # the triton layer's targets
+    moebench gate BASELINE CANDIDATE                           # gate two runs
+    moebench regress [--baseline REV|RUN.json]                 # measure both sides, gate
+    moebench where [--profile NAME]                            # "<profile> <machine>"
+    moebench asv-machine NAME                                  # asv's machine file
 
-Measures with the same harness as the benchmark (sweep.run_points) and prints one row per
-tokens x skew x impl. Bad input is one line on stderr and exit status 2.
+`compare` is the default: `moebench --preset mixtral-8x7b` compares too. Exit codes, for
+every command: 0 ok, 1 a verdict failed (a regression), 2 bad input or runs that cannot be
+compared (one line on stderr, no traceback).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import math
 import os
 import sys
 from pathlib import Path
 
 import torch
 
-from . import grid, sweep
-from .config import PRESETS, MoEConfig, preset, torch_dtype
-from .harness import environment, make_timer
+from .bench import grid, profiling, sweep
+from .bench.environment import asv_machine, environment, machine_name
+from .bench.gate import EXIT_INCOMPARABLE, EXIT_PASS, Incomparable, gate
+from .bench.records import tuned_kernels
+from .bench.runs import BadRun, load_run, write_run
+from .bench.timing import make_timer
+from .config import PRESETS, MoEConfig, preset
 from .layer import IMPLS
 from .routing import make_routing
+
+EXIT_OK, EXIT_BAD_INPUT = EXIT_PASS, EXIT_INCOMPARABLE
 
 COLUMNS = (
     ("T", "T", "{}"),
@@ -45,26 +58,18 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         # One line, no usage block: the message names the bad value and the valid ones.
         print(f"moebench: error: {message}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
 
 
-def _list(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
+def _fail(message: str) -> int:
+    print(f"moebench: error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in _list(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+# --- argument types, shared by every command ---------------------------------------------
 
 
-def _count(least: int):
+def count(least: int):
     """An argparse type: an integer of at least `least`."""
 
     def parse(text: str) -> int:
@@ -79,12 +84,61 @@ def _count(least: int):
     return parse
 
 
-def parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="moebench",
-        description="Time MoE layer implementations on one layer shape.",
-        epilog="The full benchmark is `nox -s bench`; this is for quick comparisons.",
-    )
+positive_int = count(1)
+
+
+def non_negative(text: str) -> float:
+    """An argparse type: a finite number >= 0 (float alone would take "nan" and "-1")."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def comma_list(text: str) -> list[str]:
+    """An argparse type: comma-separated words, blanks dropped."""
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def choices(known, what: str = "value"):
+    """An argparse type: a non-empty comma-separated list of `known` words."""
+
+    def parse(text: str) -> list[str]:
+        values = comma_list(text)
+        if not values:
+            raise argparse.ArgumentTypeError(f"an empty list; known: {', '.join(known)}")
+        bad = [v for v in values if v not in known]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {what} {bad}; known: {', '.join(known)}")
+        return values
+
+    return parse
+
+
+def positive_ints(text: str) -> list[int]:
+    """An argparse type: comma-separated integers >= 1."""
+    try:
+        values = [int(v) for v in comma_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _family_names() -> tuple[str, ...]:
+    return grid.FAMILIES + tuple(f + grid.TRAIN for f in grid.FAMILIES)
+
+
+# --- compare: one shape, a table ----------------------------------------------------------
+
+
+def _compare_args(p: argparse.ArgumentParser) -> None:
     shape = p.add_argument_group("layer (a preset, or the four shape options)")
     shape.add_argument("--preset", help=f"one of: {', '.join(PRESETS)}")
     shape.add_argument("--d-model", type=int, help="D, model width")
@@ -95,27 +149,26 @@ def parser() -> argparse.ArgumentParser:
     shape.add_argument(
         "--shrink", type=int, default=1, help="divide D and F by this (a preset on a laptop)"
     )
-    p.add_argument("--tokens", type=_ints, default=[4096], help="T, comma-separated (4096)")
-    p.add_argument("--impls", type=_list, default=list(IMPLS), help="comma-separated (all)")
-    p.add_argument("--skews", type=_list, default=["balanced"], help="comma-separated (balanced)")
+    p.add_argument("--tokens", type=positive_ints, default=[4096], help="T, comma-separated")
+    p.add_argument("--impls", type=choices(IMPLS, "impl"), default=list(IMPLS), help="(all)")
+    p.add_argument("--skews", type=comma_list, default=["balanced"], help="(balanced)")
     p.add_argument("--device", default=None, help="cuda where available, else cpu")
     p.add_argument("--dtype", default=None, help="bf16 on cuda, fp32 on cpu")
-    p.add_argument("--repeats", type=_count(1), help="timed calls (profile default)")
-    p.add_argument("--warmup", type=_count(0), help="untimed calls first")
-    p.add_argument("--threads", type=_count(1), help="torch CPU threads (cpu: 1)")
+    p.add_argument("--repeats", type=count(1), help="timed calls (profile default)")
+    p.add_argument("--warmup", type=count(0), help="untimed calls first")
+    p.add_argument("--threads", type=count(1), help="torch CPU threads (cpu: 1)")
     p.add_argument("--check", action="store_true", help="also compare with the fp64 oracle")
     p.add_argument("--flush-l2", action="store_true", help="cold L2 before each call (cuda)")
     p.add_argument("--cuda-graph", action="store_true", help="time CUDA graph replays")
     p.add_argument("--json", metavar="PATH", help="also write the records as a run file")
     p.add_argument(
         "--kernels",
-        type=int,
+        type=count(0),
         default=0,
         metavar="N",
         help="also list the N kernels (ops on the CPU) that take most of a call (torch.profiler), "
         "and on a GPU the N functions that take most of its host time (cProfile)",
     )
-    return p
 
 
 def _config(args, p) -> MoEConfig:
@@ -141,32 +194,13 @@ def _config(args, p) -> MoEConfig:
     return grid.shrink(cfg, args.shrink, cfg.dtype)
 
 
-def _profile(args, p) -> grid.Profile:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.device(device).type not in ("cpu", "cuda"):
-        p.error(f"--device {device}: moebench measures on cpu or cuda")
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {device}: CUDA is not available here")
-    base = grid.PROFILES["gpu" if torch.device(device).type == "cuda" else "cpu"]
-    dtype = str(torch_dtype(args.dtype or base.dtype)).removeprefix("torch.")
-    changes = {"device": device, "dtype": dtype, "name": "cli"}
-    if args.threads is not None:
-        changes["threads"] = args.threads
-    return dataclasses.replace(base, **changes)
-
-
 def _validate(args, p, cfg: MoEConfig, profile: grid.Profile) -> None:
-    unknown = [i for i in args.impls if i not in IMPLS]
-    if unknown or not args.impls:
-        p.error(f"unknown impl {unknown}; known: {', '.join(IMPLS)}")
     if not args.skews:
         p.error("--skews is empty")
     for skew in args.skews:
         make_routing(1, cfg, skew=skew)  # a ValueError names a bad skew
     if (args.flush_l2 or args.cuda_graph) and torch.device(profile.device).type != "cuda":
         p.error("--flush-l2 and --cuda-graph need a CUDA device")
-    if args.kernels < 0:
-        p.error(f"--kernels must be >= 0, got {args.kernels}")
     if args.json and (Path(args.json).is_dir() or not _writable_folder(Path(args.json).parent)):
         p.error(f"--json {args.json}: cannot write a file there")
 
@@ -214,24 +248,22 @@ def _print_breakdowns(points, records, args, profile) -> None:
         if r["status"] != "ok":
             continue
         print(f"{r['label']} {r['skew']} {r['impl']}")
-        kernels = sweep.tuned_kernels(r["layer_stats"])
+        kernels = tuned_kernels(r["layer_stats"])
         if kernels:
             print("  tuned: " + ", ".join(f"{k} {v}" for k, v in kernels.items()))
         point = by_label[r["label"]]
         try:
-            rows = sweep.op_breakdown(point, r["impl"], r["skew"], profile=profile)
+            rows = profiling.op_breakdown(point, r["impl"], r["skew"], profile=profile)
         except Exception as e:  # the table above stands; say why there is no breakdown
             print(f"  no breakdown: {type(e).__name__}: {e}")
             continue
-        print(sweep.format_breakdown(rows, args.kernels))
+        print(profiling.format_breakdown(rows, args.kernels))
 
 
-def main(argv=None) -> int:
-    p = parser()
-    args = p.parse_args(argv)
+def compare(args, p) -> int:
     try:
         cfg = _config(args, p)
-        profile = _profile(args, p)
+        profile = grid.device_profile(args.device or _default_device(), args.dtype, args.threads)
         _validate(args, p, cfg, profile)
         timer = make_timer(profile.device, flush_l2=args.flush_l2, cuda_graph=args.cuda_graph)
     except (ValueError, RuntimeError) as e:
@@ -258,5 +290,242 @@ def main(argv=None) -> int:
         _print_breakdowns(points, records, args, profile)
     if args.json:
         env = environment("cli", device=profile.device, timer=timer)
-        print(f"wrote {sweep.write_run(args.json, env, records)}", file=sys.stderr)
-    return 0
+        print(f"wrote {write_run(args.json, env, records)}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# --- sweep: a whole profile -----------------------------------------------------------------
+
+
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", choices=grid.SWEEP_PROFILES, default=None)
+    p.add_argument("--output", help="run file (default results/<profile>-<machine>/...)")
+    p.add_argument("--results-dir", default="results")
+    p.add_argument("--families", type=choices(_family_names(), "family"), default=None)
+    p.add_argument("--impls", type=choices(grid.IMPLS, "impl"), default=list(grid.IMPLS))
+    p.add_argument("--skews", type=choices(grid.SKEWS, "skew"), default=list(grid.SKEWS))
+    p.add_argument("--no-check", action="store_true", help="skip the float64 check")
+    p.add_argument("--flush-l2", action="store_true", help="cold L2 before each call")
+    p.add_argument("--cuda-graph", action="store_true", help="time CUDA graph replays")
+
+
+def run_sweep(args, p) -> int:
+    if args.output and Path(args.output).is_dir():
+        p.error(f"--output {args.output} is a folder; give the run file's path")
+    path = sweep.run_profile(
+        args.profile,
+        output=args.output,
+        results_dir=args.results_dir,
+        families=args.families,
+        impls=args.impls,
+        skews=args.skews,
+        check=not args.no_check,
+        flush_l2=args.flush_l2,
+        cuda_graph=args.cuda_graph,
+        progress=sweep.Progress(),
+    )
+    print(path)
+    return EXIT_OK
+
+
+# --- gate and regress -------------------------------------------------------------------------
+
+
+def _rule_args(p: argparse.ArgumentParser, threshold_default) -> None:
+    p.add_argument(
+        "--threshold",
+        type=non_negative,
+        default=threshold_default,
+        help="least slowdown that fails",
+    )
+    p.add_argument(
+        "--noise-mult", type=non_negative, default=3.0, help="limit >= this x the larger cv"
+    )
+    p.add_argument("--allow-missing", action="store_true", help="gate the points ok on both sides")
+
+
+def _gate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("baseline", help="run file, or a directory of runs of one code (best of)")
+    p.add_argument("candidate", help="run file, or a directory of runs of one code (best of)")
+    _rule_args(p, 0.05)
+
+
+def run_gate(args, p) -> int:
+    rule = {k: getattr(args, k) for k in ("threshold", "noise_mult", "allow_missing")}
+    return gate(args.baseline, args.candidate, **rule)
+
+
+def _regress_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--baseline", help="git revision, or run file or directory (default: merge base with main)"
+    )
+    p.add_argument("--rounds", type=positive_int, help="runs per side, alternated")
+    p.add_argument("--profile", choices=list(grid.PROFILES), help='"gate" (CPU) or "gpu"')
+    p.add_argument("--families", type=choices(_family_names(), "family"), help="(the profile's)")
+    p.add_argument("--output", help="keep the runs in this directory")
+    _rule_args(p, None)
+
+
+def run_regress(args, p) -> int:
+    from .bench.regress import regress  # git and subprocesses: loaded for this command only
+
+    return regress(args)
+
+
+# --- report and targets -----------------------------------------------------------------------
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="*", help="run files (default: newest in each folder)")
+    p.add_argument("--results-dir", default="results")
+
+
+def run_report(args, p) -> int:
+    from .bench.report import latest_runs, write_report  # matplotlib: for this command only
+
+    if not args.runs and not Path(args.results_dir).is_dir():
+        return _fail(f"{args.results_dir}: no such folder")
+    runs = [Path(run) for run in args.runs] or latest_runs(args.results_dir)
+    if not runs:
+        return _fail(f"no run files under {args.results_dir}/; run `nox -s bench`")
+    folders: dict[Path, Path] = {}
+    for run in runs:
+        # A folder holds one summary: the second run's would overwrite the first's.
+        first = folders.setdefault(run.resolve().parent, run)
+        if first.resolve() != run.resolve():
+            return _fail(
+                f"{first.name} and {run.name} are both in {run.parent}/, which holds one "
+                "summary: report one of them"
+            )
+    for run in runs:
+        for path in write_report(run):
+            print(path)
+    return EXIT_OK
+
+
+def _targets_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a run file written by `moebench sweep`")
+    p.add_argument(
+        "--kernels",
+        type=count(0),
+        default=0,
+        metavar="N",
+        help="rerun each missed target's worst point and median miss; list the N largest "
+        "kernels and host functions there",
+    )
+
+
+def breakdowns(env: dict, frame, top: int) -> str:
+    """Where the triton layer's call goes at the points targets.reruns names: each rerun
+    here on the run's profile (which needs its device) under torch.profiler (and, on a GPU,
+    cProfile for the host's time), with the configs the run tuned there."""
+    from .bench import targets
+
+    reruns = targets.reruns(env, frame)
+    if not reruns:
+        return "No target missed: no point to rerun.\n"
+    profile = env.get("profile")
+    lines = [f"Where the triton layer's time goes at the worst point and the median miss of "
+             f"each missed target (profile {profile}, torch.profiler over 10 calls):"]  # fmt: skip
+    tri = frame[(frame["impl"] == "triton") & (frame["status"] == "ok")]
+    for (family, label, skew), roles in reruns.items():
+        said = "; ".join(f"{role} {'; '.join(names)}" for role, names in roles.items())
+        lines.append(f"{family} {label} {skew}: {said}")
+        record = tri[(tri["family"] == family) & (tri["label"] == label) & (tri["skew"] == skew)]
+        kernels = tuned_kernels(record["layer_stats"].iloc[0]) if "layer_stats" in record else None
+        if kernels:
+            lines.append("  tuned in the run: " + ", ".join(f"{k} {v}" for k, v in kernels.items()))
+        try:
+            point = next((p for p in grid.points(family, profile) if p.label == label), None)
+            if point is None:
+                raise ValueError(f"profile {profile} has no point {family} {label} here")
+            breakdown = profiling.op_breakdown(point, "triton", skew, profile=profile)
+        except Exception as e:  # the table stands; say why this point has no breakdown
+            lines.append(f"  no breakdown: {type(e).__name__}: {e}")
+            continue
+        lines.append(profiling.format_breakdown(breakdown, top))
+    return "\n".join(lines) + "\n"
+
+
+def run_targets(args, p) -> int:
+    from .bench import targets
+
+    env, frame = load_run(args.run)
+    print(targets.markdown(env, frame))
+    if args.kernels:
+        print(breakdowns(env, frame, args.kernels))
+    return EXIT_OK
+
+
+# --- what nox asks of the package ----------------------------------------------------------
+
+
+def _where_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", help="(default: MOEBENCH_PROFILE, else gpu with CUDA, else cpu)")
+
+
+def run_where(args, p) -> int:
+    """Print "<profile> <machine>": the names of this machine's results folder."""
+    profile = args.profile or grid.default_profile_name()
+    if profile not in grid.PROFILES:
+        p.error(f"unknown profile {profile!r}; known: {', '.join(grid.PROFILES)}")
+    print(profile, machine_name())
+    return EXIT_OK
+
+
+def _asv_machine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="the asv machine name, <profile>-<machine>")
+    p.add_argument("--config", help="asv.conf.json whose machine file to write (asv's default)")
+
+
+def run_asv_machine(args, p) -> int:
+    """Record every field of this machine in asv's machine file: `asv machine --yes
+    --machine NAME` keeps only the fields that differ from its defaults."""
+    import asv.machine
+
+    fields = {**asv.machine.Machine.get_defaults(), **asv_machine(), "machine": args.name}
+    asv.machine.Machine.load(machine_name=args.name, **fields)
+    return EXIT_OK
+
+
+COMMANDS = {
+    "compare": (_compare_args, compare, "time implementations on one layer shape"),
+    "sweep": (_sweep_args, run_sweep, "run a benchmark profile; write its run file"),
+    "report": (_report_args, run_report, "tables and plots beside run files"),
+    "targets": (_targets_args, run_targets, "the triton layer's targets in one run"),
+    "gate": (_gate_args, run_gate, "gate a candidate run against a baseline run"),
+    "regress": (_regress_args, run_regress, "measure a baseline and this tree, then gate"),
+    "where": (_where_args, run_where, 'print "<profile> <machine>"'),
+    "asv-machine": (_asv_machine_args, run_asv_machine, "write asv's machine file"),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="moebench", description=__doc__.split("\n\n")[0])
+    commands = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, (add_args, _, summary) in COMMANDS.items():
+        command = commands.add_parser(name, help=summary, description=summary)
+        add_args(command)
+        command.set_defaults(parser=command)  # a command's own usage for its errors
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = parser()
+    if not argv:
+        p.print_help(sys.stderr)
+        return 2
+    # Options first mean `compare`, the command's oldest form (`moebench --preset ...`).
+    if argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv.insert(0, "compare")
+    args = p.parse_args(argv)
+    _, run, _ = COMMANDS[args.command]
+    try:
+        return run(args, args.parser)
+    except (BadRun, Incomparable) as e:
+        return _fail(str(e))

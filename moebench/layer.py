@@ -18,7 +18,12 @@ from .weights import ExpertWeights
 
 # implementation name -> module; modules are imported on first use, so importing moebench
 # never imports triton or initializes CUDA.
-_MODULES = {"naive": "naive", "padded": "padded", "sorted": "grouped", "triton": "fused"}
+_MODULES = {
+    "naive": "impls.naive",
+    "padded": "impls.padded",
+    "sorted": "impls.sorted",
+    "triton": "impls.triton",
+}
 _SIGNATURE = ("x_TD", "ids_TK", "weights_TK", "gate_up_E2FD", "down_EDF", "out_TD", "stats")
 
 

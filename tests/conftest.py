@@ -12,21 +12,14 @@ if not torch.cuda.is_available():
 @pytest.fixture(autouse=True, scope="session")
 def _first_config_on_the_gpu():
     """On a GPU, the triton layer's autotuners take the first config their pruning keeps
-    rather than compiling and timing every candidate at every test shape (the first H100
-    session ran out of time at 73 % of the GPU tests). test_fused's test_every_*_config_*
-    run each config; under the interpreter there is one config and no timing anyway."""
+    rather than compiling and timing every candidate at every test shape (the GPU tests
+    would not fit a session otherwise). tests/impls/triton's test_every_*_config_* run each
+    config; under the interpreter there is one config and no timing anyway."""
     if not torch.cuda.is_available():
         yield
         return
-    from moebench import fused
+    from moebench.impls.triton import configs
 
-    tuners = [
-        *fused._GATE_UP.values(), *fused._DOWN.values(), *fused._SWIGLU_BACKWARD.values(),
-        *fused._EXPERT_GRAD.values(),
-    ]  # fmt: skip
-    timers = [tuner._do_bench for tuner in tuners]
-    for tuner in tuners:  # equal times: the tuner keeps the first config it was offered
-        tuner._do_bench = lambda kernel_call, quantiles: [1.0, 1.0, 1.0]
-    yield
-    for tuner, timer in zip(tuners, timers, strict=True):
-        tuner._do_bench = timer
+    # Equal times: each tuner keeps the first config it was offered.
+    with configs.tuning_bench(lambda kernel_call, quantiles: [1.0, 1.0, 1.0]):
+        yield

@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from moebench import cli, sweep
+from moebench import cli
+from moebench.bench import runs
 
 SHAPE = ["--d-model", "32", "--d-ff", "16", "--experts", "8", "--top-k", "2"]
 # These read the CPU's table and profiler; on a GPU machine the CLI would default to cuda.
@@ -26,7 +27,7 @@ def test_compares_impls_and_skews(capsys, tmp_path):
     rows = printed[2:]
     assert len(rows) == 2 * 3 * 2
     assert rows[0].split()[:3] == ["1", "naive", "balanced"]
-    env, frame = sweep.load_run(out)
+    env, frame = runs.load_run(out)
     assert env["profile"] == "cli" and len(frame) == 12
     assert (frame["rel_err"] < 1e-5).all()
 
@@ -80,7 +81,7 @@ def test_kernels_lists_where_a_call_goes(capsys):
         (["--preset", "deepseek-v3", "--experts", "8"], "not both"),
         (["--d-model", "32", "--d-ff", "16", "--experts", "4", "--top-k", "8"], "top_k=8"),
         (["--frobnicate"], "unrecognized arguments: --frobnicate"),
-        ([*SHAPE, "--kernels", "-1"], "--kernels must be >= 0, got -1"),
+        ([*SHAPE, "--kernels", "-1"], "argument --kernels: must be >= 0, got -1"),
         ([*SHAPE, "--threads", "0"], "argument --threads: must be >= 1, got 0"),
         ([*SHAPE, "--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
         ([*SHAPE, "--warmup", "-5"], "argument --warmup: must be >= 0, got -5"),
@@ -109,3 +110,67 @@ def test_python_dash_m_runs_the_cli_without_a_traceback():
     assert done.returncode == 2
     assert done.stderr.startswith("moebench: error: unknown preset 'nope'")
     assert "Traceback" not in done.stderr
+
+
+def test_compare_is_the_default_command(capsys):
+    argv = [*SHAPE, *CPU, "--tokens", "4", "--impls", "sorted", "--repeats", "1"]
+    assert cli.main(["compare", *argv]) == 0
+    named = capsys.readouterr().out
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out.splitlines()[0] == named.splitlines()[0]
+
+
+def test_where_prints_the_profile_and_machine(capsys, monkeypatch):
+    monkeypatch.setenv("MOEBENCH_MACHINE", "box")
+    assert cli.main(["where", "--profile", "tiny"]) == 0
+    assert capsys.readouterr().out == "tiny box\n"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["where", "--profile", "huge"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("moebench: error: unknown profile 'huge'")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["sweep", "--profile", "gate"], "argument --profile: invalid choice: 'gate'"),
+        (["sweep", "--impls", "fast"], "argument --impls: unknown impl ['fast']"),
+        (["sweep", "--families", ""], "argument --families: an empty list"),
+        (["regress", "--rounds", "0"], "argument --rounds: must be >= 1, got 0"),
+        (["gate", "b.json"], "the following arguments are required: candidate"),
+        (["targets", "run.json", "--kernels", "x"], "argument --kernels: expected an integer"),
+        (["targets", "/nowhere/run.json"], "/nowhere/run.json: cannot read the run"),
+        (["report", "--results-dir", "/nowhere"], "/nowhere: no such folder"),
+        (["frob"], "argument command: invalid choice: 'frob' (choose from 'compare'"),
+    ],
+    ids=[
+        "sweep-profile",
+        "sweep-impl",
+        "sweep-families",
+        "rounds",
+        "gate",
+        "kernels",
+        "run",
+        "results",
+        "command",
+    ],
+)
+def test_every_command_says_bad_input_in_one_line_with_exit_2(argv, message, capsys):
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("moebench: error: ")
+    assert message in err
+
+
+def test_no_command_prints_the_commands_and_exits_2(capsys):
+    assert cli.main([]) == 2
+    assert "{compare,sweep,report,targets,gate,regress" in capsys.readouterr().err
+
+
+def test_report_without_run_files_is_bad_input(tmp_path, capsys):
+    assert cli.main(["report", "--results-dir", str(tmp_path)]) == 2
+    assert "no run files under" in capsys.readouterr().err

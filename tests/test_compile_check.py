@@ -1,14 +1,18 @@
-"""moebench.compile_check: spills in a Triton config are found for sm_90 without a GPU."""
+"""tools/compile_check.py: spills in a Triton config are found for sm_90 without a GPU."""
 
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "compile_check.py"
 
 # Compiled (not interpreted) kernels: a fresh interpreter without TRITON_INTERPRET.
 SCRIPT = """
-import json, triton
-from moebench import compile_check as cc
+import json, sys, triton
+sys.path.insert(0, sys.argv[1])
+import compile_check as cc
 cc._install_driver()
 # Three [128, 64] fp32 accumulators on 4 warps: 192 registers a thread before any operand.
 config = triton.Config({"BLOCK_N": 64, "BLOCK_K": 32, "GROUP_SIZE_M": 8}, num_warps=4,
@@ -33,7 +37,11 @@ print(json.dumps({
 def test_spilling_config_is_found_and_pruned():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", SCRIPT, str(TOOL.parent)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
@@ -58,7 +66,7 @@ def test_spilling_config_is_found_and_pruned():
 def test_refuses_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run(
-        [sys.executable, "-m", "moebench.compile_check", "--only", "down"],
+        [sys.executable, str(TOOL), "--only", "down"],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 2

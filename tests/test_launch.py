@@ -1,7 +1,7 @@
 """Triton's compiled paths checked without a GPU, through triton's real launchers built
-against a stub libcuda (tests/stub_cuda/libcuda.c), each in a process of its own: the
-triton layer's direct launches (fused._run) against triton's own, and the warm cache that
-a GPU session carries (tests/stub_cuda/warm_cache.py)."""
+against a stub libcuda (tools/stub_cuda/libcuda.c), each in a process of its own: the
+triton layer's direct launches (moebench/impls/triton/launch.py's _run) against triton's
+own, and the warm cache that a GPU session carries (tools/stub_cuda/warm_cache.py)."""
 
 import os
 import shutil
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-STUB = Path(__file__).parent / "stub_cuda"
+STUB = Path(__file__).resolve().parents[1] / "tools" / "stub_cuda"
 
 pytestmark = pytest.mark.skipif(
     shutil.which("gcc") is None, reason="triton builds its launchers with gcc"

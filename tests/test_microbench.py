@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import moebench as mb
-from moebench.padded import slots
+from moebench.impls.padded import slots
 
 T = 2048
 CFG = mb.MoEConfig(d_model=64, d_ff=32, num_experts=128, top_k=8)

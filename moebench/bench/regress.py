@@ -1,0 +1,196 @@
+"""`moebench regress`: measure a baseline revision and the working tree on the same grid,
+interleaved point by point, then gate the candidate against the baseline.
+
+Each side is measured by a worker process (moebench/bench/worker.py, run by path with the
+side's code as its working directory and PYTHONPATH), which is sent the candidate's grid:
+the profile's fields and each point's shape, so that both sides measure the same points
+even where the baseline's tree defines other profiles or lacks the gate's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from . import grid
+from .environment import machine_name
+from .gate import EXIT_INCOMPARABLE, THRESHOLD, Incomparable, gate
+from .runs import BadRun, read_run, write_run
+
+WORKER = Path(__file__).with_name("worker.py")
+
+
+class _Worker:
+    """A fresh interpreter measuring the code at `code` on request (worker.py)."""
+
+    def __init__(self, code: Path, profile: grid.Profile, log: Path, commit: str | None = None):
+        self.code, self.log = code, log
+        path = os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH")]))
+        cmd = [sys.executable, str(WORKER), str(code), *([commit] if commit else [])]
+        with open(log, "w") as stderr:
+            self.proc = subprocess.Popen(
+                cmd,
+                cwd=code,
+                env={**os.environ, "PYTHONPATH": path},
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+            )
+        self._send(dataclasses.asdict(profile))
+        self.env = self._reply()
+
+    def measure(self, point: grid.Point, skews, check: bool) -> list[dict]:
+        cfg = dataclasses.asdict(point.cfg)
+        self._send({"family": point.family, "label": point.label, "cfg": cfg, "T": point.T,
+                    "impls": list(grid.IMPLS), "skews": list(skews), "check": check})  # fmt: skip
+        return self._reply()
+
+    def _send(self, message) -> None:
+        try:
+            self.proc.stdin.write(json.dumps(message) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # the worker died: _reply says why
+
+    def _reply(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            raise Incomparable(
+                f"measuring the code at {self.code} failed:\n{self.log.read_text()[-3000:]}"
+            )
+        return json.loads(line)
+
+    def close(self) -> None:
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.close()
+        self.proc.wait()
+
+
+def _git(*args, cwd=None) -> str:
+    done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+    if done.returncode:
+        raise Incomparable(f"git {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+def _committed_run(root: Path, profile: str) -> Path | None:
+    """The newest committed run of this machine and gate profile under results/."""
+    runs = []
+    for name in _git("ls-files", "results", cwd=root).splitlines():
+        if not name.endswith(".json"):
+            continue
+        try:
+            env = read_run(root / name)["env"]
+        except BadRun:  # asv's and pytest-benchmark's files live there too
+            continue
+        if env.get("machine") == machine_name() and env.get("profile") == profile:
+            runs.append((env.get("date") or "", root / name))
+    return max(runs)[1] if runs else None
+
+
+def resolve_baseline(spec: str | None, root: Path, profile: str) -> str | Path:
+    """A run file or directory to read, or the commit to measure.
+
+    Default: the merge base of HEAD with main (or origin/main). Where that is HEAD itself
+    and the package has no uncommitted change (CI on main), the newest committed run of
+    this machine and profile, else HEAD~1: the last commit is the change to gate.
+    """
+    if spec and Path(spec).exists():
+        return Path(spec)
+    if spec:
+        return _git("rev-parse", "--verify", f"{spec}^{{commit}}", cwd=root)
+    branches = _git("branch", "--all", "--format=%(refname:short)", cwd=root).splitlines()
+    main = next((b for b in ("main", "origin/main") if b in branches), None)
+    if main is None:
+        raise Incomparable("no branch main or origin/main: pass --baseline REV")
+    head = _git("rev-parse", "HEAD", cwd=root)
+    base = _git("merge-base", "HEAD", main, cwd=root)
+    if base != head or _git("status", "--porcelain", "--", "moebench", cwd=root):
+        return base
+    return _committed_run(root, profile) or _git("rev-parse", "HEAD~1", cwd=root)
+
+
+def _checkout(rev: str, root: Path, into: Path) -> Path:
+    """The tree of `rev`, extracted into `into` (its worker is the candidate's worker.py)."""
+    archive = subprocess.run(["git", "archive", rev], cwd=root, capture_output=True)
+    if archive.returncode:
+        raise Incomparable(f"git archive {rev}: {archive.stderr.decode().strip()}")
+    into.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+def measure_sides(sides: dict[str, _Worker], points, skews, rounds: int, out: Path) -> None:
+    """Each side's rounds of the points as run files out/<side>/round-<r>.json.
+
+    The sides take turns point by point, the first alternating, so that both measure each
+    point within seconds of each other: a busy spell of a shared machine then hits both
+    instead of deciding the verdict. Correctness is checked in the first round only.
+    """
+    for r in range(rounds):
+        records = {name: [] for name in sides}
+        for i, pt in enumerate(points):
+            order = list(sides) if (r + i) % 2 == 0 else list(sides)[::-1]
+            for name in order:
+                records[name] += sides[name].measure(pt, skews, check=r == 0)
+        for name, worker_ in sides.items():
+            write_run(out / name / f"round-{r}.json", worker_.env, records[name])
+        print(f"regress: round {r + 1}/{rounds} measured", flush=True)
+
+
+def regress(args) -> int:
+    """Measure the baseline (args.baseline: a revision, or a run file or folder to read)
+    and the working tree, then gate; the exit code (moebench.bench.gate)."""
+    root = Path(_git("rev-parse", "--show-toplevel"))
+    profile = args.profile or ("gpu" if _cuda_available() else "gate")
+    # The CPU gate takes the best of 3 rounds a side; the GPU is steady enough for one.
+    rounds = args.rounds or (3 if profile == "gate" else 1)
+    rule = {
+        "threshold": THRESHOLD.get(profile, 0.05) if args.threshold is None else args.threshold,
+        "noise_mult": args.noise_mult,
+        "allow_missing": args.allow_missing,
+    }
+    with tempfile.TemporaryDirectory(prefix="moebench-regress-") as tmp:
+        out, tmp = Path(args.output or tmp), Path(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        sides = {}
+        try:
+            p, points, skews = grid.gate_grid(profile)
+            if args.families:
+                points = [pt for pt in points if pt.family in args.families]
+            baseline = resolve_baseline(args.baseline, root, profile)
+            print(f"regress: baseline {baseline}, candidate: the working tree {root}")
+            if isinstance(baseline, str):
+                code = _checkout(baseline, root, tmp / "baseline-src")
+                try:
+                    sides["baseline"] = _Worker(code, p, out / "baseline.log", baseline)
+                except Incomparable as e:
+                    raise Incomparable(
+                        f"the baseline {baseline} cannot be measured ({e}); pass a committed "
+                        "run of this machine and profile instead: --baseline RUN.json"
+                    ) from e
+            sides["candidate"] = _Worker(root, p, out / "candidate.log")
+            measure_sides(sides, points, skews, rounds, out)
+        except Incomparable as e:
+            print(f"gate: INCOMPARABLE: {e}", file=sys.stderr)
+            return EXIT_INCOMPARABLE
+        finally:
+            for worker_ in sides.values():
+                worker_.close()
+        return gate(
+            out / "baseline" if "baseline" in sides else baseline, out / "candidate", **rule
+        )
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,368 @@
+"""The report: one run's records as tables (CSV, markdown) and plots (PNG).
+
+    moebench report [RUN.json ...]
+
+With no argument it reports the newest run in each results/<profile>-<machine>/ folder.
+Beside each run (one per folder) it writes summary.csv (every record, the units in the
+column names; what the layer reported of its call, e.g. the triton layer's tuned configs,
+as JSON), summary.md (the machine, then per family: balanced-routing throughput,
+load-imbalance overhead per skew, padded's dropped fraction, what was skipped and why) and
+plots/: throughput-<family>.png, peak-memory.png, imbalance-<family>.png.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never open a window
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from . import grid, targets
+from .records import tuned_kernels
+from .runs import load_run, write_atomic
+
+COLORS = {"naive": "tab:gray", "padded": "tab:orange", "sorted": "tab:blue", "triton": "tab:red"}
+SUMMARY_COLUMNS = {
+    "family": "family",
+    "label": "point",
+    "impl": "impl",
+    "skew": "skew",
+    "T": "T",
+    "D": "D",
+    "F": "F",
+    "E": "E",
+    "K": "K",
+    "Fs": "Fs",
+    "dtype": "dtype",
+    "status": "status",
+    "time_ms": "time_ms",
+    "p20_ms": "p20_ms",
+    "p80_ms": "p80_ms",
+    "cv": "cv",
+    "repeats": "repeats",
+    "host_ms": "host_ms",
+    "graph_ms": "graph_replay_ms",
+    "tokens_per_s": "tokens_per_s",
+    "tflops": "useful_tflops",
+    "roofline_fraction": "roofline_fraction",
+    "peak_mib": "peak_mib",
+    "max_over_mean": "max_over_mean_load",
+    "imbalance_overhead": "imbalance_overhead",
+    "dropped_fraction": "dropped_fraction",
+    "rel_err": "rel_err",
+    "reason": "reason",
+    "layer_stats": "layer_stats_json",
+}
+
+
+def summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """The records with the report's column names; peak memory in MiB."""
+    frame = frame.assign(
+        peak_mib=pd.to_numeric(frame["peak_bytes"]) / 2**20,
+        layer_stats=frame["layer_stats"].map(
+            lambda s: json.dumps(s) if isinstance(s, dict) else None
+        ),
+    )
+    return frame[list(SUMMARY_COLUMNS)].rename(columns=SUMMARY_COLUMNS)
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value).replace("|", "/")
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    lines = [
+        "| " + " | ".join(map(str, frame.columns)) + " |",
+        "|" + "|".join("---" for _ in frame.columns) + "|",
+    ]
+    lines += ["| " + " | ".join(map(_fmt, row)) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def _ordered(frame: pd.DataFrame, family: str, profile: str) -> list[str]:
+    """The family's point labels in sweep order (E or T ascending), as far as they ran."""
+    order = [pt.label for pt in grid.points(family, profile)] if profile in grid.PROFILES else []
+    seen = list(dict.fromkeys(frame.loc[frame["family"] == family, "label"]))
+    return [label for label in order if label in seen] + [lb for lb in seen if lb not in order]
+
+
+def _pivot(frame: pd.DataFrame, family: str, profile: str, value: str, rows, columns):
+    part = frame[frame["family"] == family]
+    table = part.pivot_table(index=rows, columns=columns, values=value, aggfunc="first")
+    labels = _ordered(frame, family, profile)
+    if isinstance(table.index, pd.MultiIndex):
+        keys = sorted(table.index, key=lambda k: (labels.index(k[0]), k[1:]))
+    else:
+        keys = [label for label in labels if label in table.index]
+    return table.reindex(keys)
+
+
+def _env_lines(env: dict) -> list[str]:
+    ceilings = env.get("ceilings") or {}
+    device = env.get("gpu") or f"{env.get('cpu')}, torch threads: {env.get('torch_threads')}"
+    lines = [
+        f"- commit `{env.get('commit')}`" + (" (uncommitted changes)" if env.get("dirty") else ""),
+        f"- {env.get('date')}, machine `{env.get('machine')}`, device {device}",
+        f"- driver {env.get('driver')}, CUDA {env.get('cuda')}, torch {env.get('torch')}, "
+        f"triton {env.get('triton')}, Python {env.get('python')}",
+        f"- timer: {env.get('timer')}; L2: {env.get('l2')}; harness version "
+        f"{env.get('harness_version')}; run took {env.get('duration_s')} s",
+    ]
+    if env.get("commit_note"):
+        lines.append(f"- note: {env['commit_note']}")
+    if env.get("partial"):
+        lines.append("- **partial run**: the sweep stopped before its last point")
+    if env.get("clocks"):
+        lines.append(f"- clocks: {env['clocks']}")
+    timing = env.get("timing")
+    if timing:
+        floor = lambda s: f" and at least {s:g} s of them" if s else ""
+        lines.append(
+            f"- each measurement: {timing['warmup']} warm-up calls{floor(timing['warmup_s'])}, "
+            f"then {timing['repeats']} timed calls{floor(timing['min_time_s'])}, about "
+            f"{timing['max_time_s']:g} s at most"
+        )
+    if ceilings:
+        lines.append(
+            f"- measured ceilings: matmul {ceilings['matmul_flops'] / 1e12:.3g} TFLOP/s, "
+            f"copy {ceilings['copy_bytes'] / 1e9:.3g} GB/s ({ceilings['label']})"
+        )
+    return lines
+
+
+def _shapes(part: pd.DataFrame) -> str:
+    """The family's layer shapes: one line for a sweep, a table of the models."""
+    first = part.iloc[0]
+    if first["family"].removesuffix(grid.TRAIN) in ("models", "sonicmoe"):
+        models = part.assign(model=part["label"].str.split("/").str[0])
+        models = models.drop_duplicates("model")[["model", "D", "F", "E", "K", "Fs"]]
+        return markdown_table(models)
+    shape = f"D={first['D']}, K={first['K']}, T={first['T']}"
+    fs = sorted(part["F"].unique())
+    if len(fs) == 1:
+        return f"{shape}, F={fs[0]}"
+    return f"{shape}, F from {fs[-1]} to {fs[0]} (E*F fixed)"
+
+
+def markdown(env: dict, frame: pd.DataFrame) -> str:
+    profile = env.get("profile")
+    out = [f"# moebench: {profile} profile on {env.get('machine')}", "", *_env_lines(env), ""]
+    out.append(
+        "Times are medians in ms; tokens/s = T / time; TFLOP/s count useful FLOPs only "
+        "(6*S*D*F + 6*T*D*Fs, less 6*D*F per pair padded dropped); roofline = the least "
+        "time this device can take (measured ceilings) / the time; peak MiB = memory "
+        "allocated above inputs and weights; "
+        "imbalance = time / time under balanced routing; dropped = pairs dropped / S. "
+        "On a GPU, host ms = host time to issue one call with nothing queued (near the "
+        "time: the call is bound by its launches, or waits for the GPU) and replay ms = the "
+        "same call as a CUDA graph replay (the kernels alone; fast triton points only)."
+    )
+    for family in dict.fromkeys(frame["family"]):
+        part = frame[frame["family"] == family]
+        ok = part[part["status"] == "ok"]
+        out += ["", f"## {family}", ""]
+        out += [_shapes(part), ""]
+        balanced = ok[ok["skew"] == "balanced"]
+        if len(balanced):
+            columns = {"label": "point", "impl": "impl", "time_ms": "time ms",
+                       "tokens_per_s": "tokens/s", "tflops": "TFLOP/s",
+                       "roofline_fraction": "roofline", "peak_mib": "peak MiB",
+                       "rel_err": "rel err"}  # fmt: skip
+            # GPU runs: how long issuing a call took, and the graph replay of fast points.
+            for timing, name in (("host_ms", "host ms"), ("graph_ms", "replay ms")):
+                if pd.to_numeric(balanced[timing]).notna().any():
+                    columns[timing] = name
+            table = balanced.assign(peak_mib=balanced["peak_bytes"] / 2**20)[list(columns)]
+            order = _ordered(frame, family, profile)
+            table = table.sort_values(
+                ["label", "impl"], key=lambda s: s.map(order.index) if s.name == "label" else s
+            )
+            table.columns = list(columns.values())
+            out += ["### Balanced routing", "", markdown_table(table), ""]
+            configs = _triton_configs(balanced)
+            if len(configs):
+                configs = configs.sort_values("point", key=lambda s: s.map(order.index))
+                out += ["Tuned triton kernels (balanced routing): tile heights (rows), then "
+                        "each kernel's BLOCK_N x BLOCK_K, warps, stages:", ""]  # fmt: skip
+                out += [markdown_table(configs), ""]
+        unbalanced = ok[ok["skew"] != "balanced"]
+        if unbalanced["imbalance_overhead"].notna().any():
+            table = _pivot(ok, family, profile, "imbalance_overhead", ["label", "impl"], "skew")
+            table = table[[s for s in grid.SKEWS if s in table.columns and s != "balanced"]]
+            out += ["### Load-imbalance overhead (time / balanced time)", ""]
+            out += [markdown_table(table.reset_index().rename(columns={"label": "point"})), ""]
+            loads = _pivot(part, family, profile, "max_over_mean", "label", "skew")
+            loads = loads[[s for s in grid.SKEWS if s in loads.columns]]
+            out += ["Max/mean expert load of each routing:", ""]
+            out += [markdown_table(loads.reset_index().rename(columns={"label": "point"})), ""]
+        padded = ok[ok["impl"] == "padded"]
+        if len(padded):
+            table = _pivot(padded, family, profile, "dropped_fraction", "label", "skew")
+            table = table[[s for s in grid.SKEWS if s in table.columns]]
+            out += ["### Dropped fraction (padded, capacity factor 1.25)", ""]
+            out += [markdown_table(table.reset_index().rename(columns={"label": "point"})), ""]
+        skipped = part[part["status"] != "ok"]
+        if len(skipped):
+            reasons = skipped.groupby(["reason", "impl"], sort=False)["label"].agg(
+                lambda s: ", ".join(dict.fromkeys(s))
+            )
+            table = reasons.reset_index()[["impl", "label", "reason"]]
+            table.columns = ["impl", "points", "reason"]
+            out += ["### Skipped", "", markdown_table(table), ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _triton_configs(records: pd.DataFrame) -> pd.DataFrame:
+    """point, path, tile heights and the tuned gate_up and down configs of the triton
+    records that report them."""
+    rows = []
+    for r in records[records["impl"] == "triton"].itertuples():
+        kernels = tuned_kernels(r.layer_stats)
+        if kernels:
+            rows.append({"point": r.label, **kernels})
+    return pd.DataFrame(rows)
+
+
+def _panels(frame: pd.DataFrame, family: str) -> list[tuple[str, pd.DataFrame, str]]:
+    """(title, records, x column) per panel: E for the sweeps, T per preset for models."""
+    part = frame[frame["family"] == family]
+    if family.removesuffix(grid.TRAIN) != "models":
+        return [(family, part, "E")]
+    preset = part["label"].str.split("/").str[0]
+    return [(name, part[preset == name], "T") for name in dict.fromkeys(preset)]
+
+
+def _lines(ax, frame: pd.DataFrame, x: str, value: str, impls) -> None:
+    for impl in impls:
+        series = frame[frame["impl"] == impl].sort_values(x)
+        if series[value].notna().any():
+            ax.plot(series[x], series[value], marker="o", ms=3, label=impl, color=COLORS[impl])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("E (experts)" if x == "E" else "T (tokens)")
+    ax.grid(True, alpha=0.3)
+
+
+def _title(env: dict) -> str:
+    device = env.get("gpu") or env.get("cpu")
+    return f"{env.get('profile')} profile, {device}, commit {str(env.get('commit'))[:8]}"
+
+
+def _figure(rows: int, cols: int):
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols + 1, 3.2 * rows), squeeze=False)
+    return fig, axes
+
+
+def _save(fig, path, title: str) -> None:
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+
+
+def _ok(frame: pd.DataFrame, skew: str | None = None) -> pd.DataFrame:
+    """The records that ran (under `skew` only, when given)."""
+    keep = frame["status"] == "ok"
+    if skew is not None:
+        keep &= frame["skew"] == skew
+    return frame[keep]
+
+
+def plot_throughput(env, frame, family, path) -> None:
+    """Balanced routing: tokens/s (top) and fraction of roofline (bottom) against E, or
+    against T for each model."""
+    balanced = _ok(frame, "balanced")
+    panels = _panels(balanced, family)
+    impls = [i for i in COLORS if i in set(balanced["impl"])]
+    fig, axes = _figure(2, len(panels))
+    for col, (title, part, x) in enumerate(panels):
+        top, bottom = axes[0][col], axes[1][col]
+        _lines(top, part, x, "tokens_per_s", impls)
+        _lines(bottom, part, x, "roofline_fraction", impls)
+        top.set_yscale("log")
+        bottom.set_yscale("log")
+        top.set_title(title, fontsize=9)
+    axes[0][0].set_ylabel("tokens/s (higher is better)")
+    axes[1][0].set_ylabel("fraction of roofline")
+    axes[0][0].legend(fontsize=8)
+    _save(fig, path, f"{family}, balanced routing: {_title(env)}")
+
+
+def plot_peak_memory(env, frame, path) -> None:
+    """Balanced routing: peak memory above inputs and weights against E (or T per model)."""
+    ok = _ok(frame, "balanced")
+    ok = ok.assign(peak_mib=ok["peak_bytes"] / 2**20)
+    panels = [panel for family in dict.fromkeys(ok["family"]) for panel in _panels(ok, family)]
+    impls = [i for i in COLORS if i in set(ok["impl"])]
+    cols = min(3, len(panels))
+    fig, axes = _figure(math.ceil(len(panels) / cols), cols)
+    for ax, (title, part, x) in zip(axes.flat, panels, strict=False):
+        _lines(ax, part, x, "peak_mib", impls)
+        ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("peak MiB")
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    axes[0][0].legend(fontsize=8)
+    label = ok["peak_label"].iloc[0] if len(ok) else ""
+    _save(fig, path, f"peak memory above inputs and weights ({label}): {_title(env)}")
+
+
+def plot_imbalance(env, frame, family, path) -> None:
+    """Time under each skewed routing / time under balanced routing: one column per skew
+    (one row per model for the models family)."""
+    ok = _ok(frame)
+    skews = [s for s in grid.SKEWS if s != "balanced" and s in set(ok["skew"])]
+    panels = _panels(ok, family)
+    impls = [i for i in COLORS if i in set(ok["impl"])]
+    fig, axes = _figure(len(panels), len(skews))
+    for row, (title, part, x) in enumerate(panels):
+        for col, skew in enumerate(skews):
+            ax = axes[row][col]
+            _lines(ax, part[part["skew"] == skew], x, "imbalance_overhead", impls)
+            ax.axhline(1.0, color="black", lw=0.8)
+            models = family.removesuffix(grid.TRAIN) == "models"
+            ax.set_title(f"{title}, {skew}" if models else skew, fontsize=9)
+        axes[row][0].set_ylabel("time / balanced time")
+    axes[0][0].legend(fontsize=8)
+    _save(fig, path, f"{family}, load-imbalance overhead (lower is better): {_title(env)}")
+
+
+def write_report(run_path) -> list[Path]:
+    """summary.csv, summary.md and plots/ beside the run file; returns the paths."""
+    run_path = Path(run_path)
+    env, frame = load_run(run_path)
+    out_dir = run_path.parent
+    plots = out_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    written = [out_dir / "summary.csv", out_dir / "summary.md"]
+    write_atomic(written[0], lambda f: summary(frame).to_csv(f, index=False))
+    text = markdown(env, frame) + "\n" + targets.markdown(env, frame)
+    write_atomic(written[1], lambda f: f.write(text.encode()))
+    ok = frame[frame["status"] == "ok"]
+    for family in dict.fromkeys(ok["family"]):
+        path = plots / f"throughput-{family}.png"
+        plot_throughput(env, frame, family, path)
+        written.append(path)
+        if (ok.loc[ok["family"] == family, "skew"] != "balanced").any():
+            path = plots / f"imbalance-{family}.png"
+            plot_imbalance(env, frame, family, path)
+            written.append(path)
+    if len(ok):
+        plot_peak_memory(env, frame, plots / "peak-memory.png")
+        written.append(plots / "peak-memory.png")
+    return written
+
+
+def latest_runs(results_dir="results") -> list[Path]:
+    """The newest run file of each results/<profile>-<machine>/ folder (names sort by time)."""
+    folders = sorted(p for p in Path(results_dir).iterdir() if p.is_dir())
+    return [sorted(f.glob("run-*.json"))[-1] for f in folders if any(f.glob("run-*.json"))]

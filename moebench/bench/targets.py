@@ -1,0 +1,158 @@
+"""The Triton layer's performance targets, checked against one benchmark run.
+
+    moebench targets RUN.json
+
+The targets are those of an H100 in bf16 (forward); on another profile the table is still
+computed, labelled with the run's profile, so the same script answers on any machine:
+1. useful TFLOP/s >= 550 on SonicMoE's shape (T=32768, D=4096, F=1024, E=64, K=4);
+2. triton time <= sorted time at every scale-out, iso-params and models point and skew;
+3. fraction of roofline >= 0.6 at every scale-out and iso-params point;
+4. decode (T <= 64, models): touched-expert weight bytes / time >= 0.7 x measured copy
+   bandwidth.
+Targets 3 and 4 are given twice: with the eager time, and with the kernels' time, which is
+the CUDA graph replay time where the run has one (graph_ms: the profile replays the fast
+points, whose eager time is mostly host launch time) and the eager time elsewhere.
+
+    moebench targets RUN.json --kernels 8
+
+also reruns the worst point and the median miss of each target missed (`reruns` names them;
+the CLI reruns them with moebench.bench.profiling on the run's profile, so on its device),
+and lists the 8 kernels that take most of the triton layer's call there (torch.profiler)
+and, on a GPU, the 8 functions that take most of its host time (cProfile).
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from ..config import torch_dtype
+
+SONIC_TFLOPS = 550.0
+ROOFLINE = 0.6
+DECODE_BANDWIDTH = 0.7
+DECODE_MAX_TOKENS = 64
+
+
+def _verdict(target: str, required: str, points: pd.DataFrame, value: pd.Series, met: pd.Series):
+    """One target's row: the worst point decides (the lowest value; all values are
+    "higher is better"). `typical` is the median of the points that miss (the lower
+    middle one), where the worst is often an extreme of its own."""
+    if points.empty:
+        return {"target": target, "required": required, "worst": None, "at": "no points",
+                "points": 0, "met": None, "point": None, "typical": None}  # fmt: skip
+    worst = value.idxmin()
+    at = lambda i: (points.loc[i, "family"], points.loc[i, "label"], points.loc[i, "skew"])
+    missed = value[~met.astype(bool)].sort_values(kind="stable")
+    return {
+        "target": target,
+        "required": required,
+        "worst": float(value.loc[worst]),
+        "at": " ".join(at(worst)),
+        "points": len(points),
+        "met": bool(met.all()),
+        "point": at(worst),
+        "typical": at(missed.index[(len(missed) - 1) // 2]) if len(missed) else None,
+    }
+
+
+def _weight_bytes(rows: pd.DataFrame) -> pd.Series:
+    # astype: an empty column keeps its string dtype through map, which pandas with pyarrow
+    # strings then refuses to multiply.
+    itemsize = rows["dtype"].map(lambda name: torch_dtype(name).itemsize).astype("int64")
+    per_expert = 3 * rows["D"] * rows["F"]
+    return (rows["touched_experts"] * per_expert + 3 * rows["D"] * rows["Fs"]) * itemsize
+
+
+def _kernel_ms(rows: pd.DataFrame) -> pd.Series:
+    return pd.to_numeric(rows["graph_ms"]).fillna(rows["time_ms"])
+
+
+def evaluate(env: dict, frame: pd.DataFrame) -> pd.DataFrame:
+    """The four targets for the triton layer of one run: worst value, where, met or not
+    (None where the run cannot measure it: no triton point, no replays, no touched_experts)."""
+    if "graph_ms" not in frame:  # a run from before the replays
+        frame = frame.assign(graph_ms=None)
+    ok = frame[frame["status"] == "ok"].reset_index(drop=True)
+    tri = ok[ok["impl"] == "triton"]
+    rows = []
+
+    sonic = tri[(tri["family"] == "sonicmoe") & (tri["E"] == 64) & (tri["skew"] == "random")]
+    rows.append(
+        _verdict(
+            "SonicMoE shape, useful TFLOP/s",
+            f">= {SONIC_TFLOPS:g}",
+            sonic,
+            sonic["tflops"],
+            sonic["tflops"] >= SONIC_TFLOPS,
+        )
+    )
+
+    key = ["family", "label", "skew"]
+    families = ["scale-out", "iso-params", "models"]
+    srt = ok[ok["impl"] == "sorted"][[*key, "time_ms"]]
+    both = tri[tri["family"].isin(families)].merge(srt, on=key, suffixes=("", "_sorted"))
+    speedup = both["time_ms_sorted"] / both["time_ms"]
+    rows.append(_verdict("speed vs sorted (x)", ">= 1.0", both, speedup, speedup >= 1.0))
+
+    replayed = pd.to_numeric(tri["graph_ms"]).notna().any()
+    grids = tri[tri["family"].isin(["scale-out", "iso-params"])]
+    decode = tri[(tri["family"] == "models") & (tri["T"] <= DECODE_MAX_TOKENS)]
+    decode = decode[decode["touched_experts"].notna()]  # older runs lack it: not measured
+    copy_bw = (env.get("ceilings") or {}).get("copy_bytes")
+    for timing in ("eager", "kernels"):
+        if timing == "kernels" and not replayed:  # a run without replays: not measured
+            grids, decode = grids.iloc[:0], decode.iloc[:0]
+        ms = _kernel_ms if timing == "kernels" else (lambda rows: rows["time_ms"])
+        frac = grids["roofline_fraction"] * grids["time_ms"] / ms(grids)
+        rows.append(
+            _verdict(
+                f"fraction of roofline ({timing})",
+                f">= {ROOFLINE:g}",
+                grids,
+                frac,
+                frac >= ROOFLINE,
+            )
+        )
+        bandwidth = _weight_bytes(decode) / (ms(decode) * 1e-3) / copy_bw if copy_bw else None
+        rows.append(
+            _verdict(
+                f"decode weight bandwidth / copy bandwidth ({timing})",
+                f">= {DECODE_BANDWIDTH:g}",
+                decode if copy_bw else decode.iloc[:0],
+                bandwidth,
+                bandwidth >= DECODE_BANDWIDTH if copy_bw else None,
+            )
+        )
+    return pd.DataFrame(rows)
+
+
+def markdown(env: dict, frame: pd.DataFrame) -> str:
+    table = evaluate(env, frame)
+    lines = [
+        f"Targets of the triton layer (set for an H100 in bf16; this run: profile "
+        f"{env.get('profile')}, {env.get('gpu') or env.get('cpu')})",
+        "",
+        "| target | required | worst | at | points | met |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in table.itertuples():
+        worst = "-" if row.worst is None or pd.isna(row.worst) else f"{row.worst:.3g}"
+        met = {True: "yes", False: "**no**"}.get(row.met, "not measured")
+        lines.append(
+            f"| {row.target} | {row.required} | {worst} | {row.at} | {row.points} | {met} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def reruns(env: dict, frame: pd.DataFrame) -> dict[tuple, dict[str, list[str]]]:
+    """The points to rerun for a breakdown: the worst point and the median miss of each
+    target missed, as {(family, label, skew): {role: [targets]}} ({} when none is missed)."""
+    points: dict[tuple, dict[str, list[str]]] = {}
+    table = evaluate(env, frame)
+    for role, column in (("worst for", "point"), ("median miss of", "typical")):
+        for row in table[table["met"].eq(False)].itertuples():  # None: not measured
+            if column == "typical" and row.typical == row.point:
+                continue  # one missed point, or the median miss is the worst
+            roles = points.setdefault(getattr(row, column), {})
+            roles.setdefault(role, []).append(row.target)
+    return points
