@@ -5,7 +5,6 @@ CI machines). On a GPU runner, run against the interpreter that already has CUDA
 triton: `nox --no-venv -s bench` (or MOEBENCH_NOX_EXISTING_ENV=1).
 """
 
-import json
 import os
 import time
 from pathlib import Path
@@ -112,44 +111,19 @@ def _where(session: nox.Session, profile: str | None = None) -> tuple[str, str]:
     return name, machine
 
 
-def _sweep(session: nox.Session, results: str, profile: str | None, *args) -> tuple:
-    """Sweep the profile (default: this machine's) into results/<profile>-<machine>/
-    run-<UTC time>.json with `args` and the session's extra args; (profile, machine, run)."""
-    profile, host = _where(session, profile)
-    machine = f"{profile}-{host}"
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    run = os.path.abspath(f"{results}/{machine}/run-{stamp}.json")
-    session.run("python", "-m", "moebench", "sweep", "--profile", profile, "--output", run, *args,
-                *session.posargs)  # fmt: skip
-    return profile, machine, run
-
-
-def _bench(session: nox.Session, results: str, profile: str | None, asv_args=()) -> str:
-    """Sweep the profile into a run file under `results`, then record it with asv (whose
-    suites read that file instead of measuring again). Returns the run file."""
-    profile, machine, run = _sweep(session, results, profile)
-    env = {"MOEBENCH_PROFILE": profile, "MOEBENCH_RUN": run}
-    commit = session.run("git", "rev-parse", "HEAD", external=True, silent=True).strip()
-    # Every field of the machine, with the GPU beside the CPU (asv's own `asv machine`
-    # keeps only the fields that differ from its defaults).
-    session.run("python", "-m", "moebench", "asv-machine", machine, silent=True)
-    session.run("asv", "run", "--environment", "existing", "--set-commit-hash", commit,
-                "--machine", machine, *asv_args, env=env)  # fmt: skip
-    return run
-
-
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The benchmark: every implementation over the sweep families on this machine's
-    profile (gpu with CUDA, else the labelled cpu one; MOEBENCH_PROFILE=gpu|cpu|tiny
-    chooses), written to results/<profile>-<machine>/run-<time>.json and recorded by asv
-    under results/asv, then the triton layer's target table of the run (each
-    target "not measured" where the run has no points for it: Triton needs CUDA). Extra
-    args go to `moebench sweep`, e.g. `nox -s bench -- --families models
-    --flush-l2`."""
+    """The main job (`moebench bench`): every implementation over the sweep families on
+    this machine's profile (gpu with CUDA, else the labelled cpu one; MOEBENCH_PROFILE=
+    gpu|cpu|tiny chooses) into results/<profile>-<machine>/run-<time>.json, recorded by
+    asv under results/asv, then the report (summary.md, plots/, and asv's web report in
+    results/html, which opens offline) and a console summary; a progress bar meanwhile,
+    the details in run-<time>.log. Extra args go to `moebench bench`, e.g. `nox -s bench
+    -- --families models --flush-l2`."""
     install(session, "bench")
-    run = _bench(session, "results", os.environ.get("MOEBENCH_PROFILE"))
-    session.run("python", "-m", "moebench", "targets", run)
+    profile = os.environ.get("MOEBENCH_PROFILE")
+    session.run("python", "-m", "moebench", "bench", *(["--profile", profile] if profile else []),
+                *session.posargs)  # fmt: skip
 
 
 @nox.session
@@ -161,50 +135,31 @@ def targets(session: nox.Session) -> None:
     target missed, rerun. No asv: the run file is the record. Extra args go to the sweep
     and override these, e.g. `-- --families models --flush-l2`."""
     install(session, "bench")
+    profile, machine = _where(session, os.environ.get("MOEBENCH_PROFILE"))
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    run = os.path.abspath(f"results/{profile}-{machine}/run-{stamp}.json")
     families = "sonicmoe,scale-out,iso-params,models"
-    _, _, run = _sweep(session, "results", os.environ.get("MOEBENCH_PROFILE"),
-                       "--families", families, "--impls", "sorted,triton")  # fmt: skip
+    session.run("python", "-m", "moebench", "sweep", "--profile", profile, "--output", run,
+                "--families", families, "--impls", "sorted,triton", *session.posargs)  # fmt: skip
     session.run("python", "-m", "moebench", "report", run)
     session.run("python", "-m", "moebench", "targets", run, "--kernels", "8")
 
 
 @nox.session
 def report(session: nox.Session) -> None:
-    """asv's HTML report (results/html) and, beside the newest run of each
-    results/<profile>-<machine>/: summary.csv, summary.md and plots/*.png."""
+    """Beside the newest run of each results/<profile>-<machine>/: summary.csv, summary.md
+    and plots/*.png; and asv's web report of results/asv in results/html, with the
+    scripts it loads kept beside it so that it opens offline."""
     install(session, "bench")
-    if os.path.isdir("results/asv"):
-        session.run("asv", "publish")
-    session.run("python", "-m", "moebench", "report", *session.posargs)
-
-
-def _asv_config(folder: str) -> str:
-    """asv.conf.json with its results and HTML under `folder`: a trial run leaves the
-    repository's results/ alone (asv writes machine.json even with --dry-run)."""
-    text = Path("asv.conf.json").read_text()
-    conf = json.loads("\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("//")))
-    root = os.getcwd()
-    conf.update(
-        repo=root,
-        benchmark_dir=os.path.join(root, "benchmarks"),
-        results_dir=os.path.join(folder, "asv"),
-        html_dir=os.path.join(folder, "html"),
-    )
-    path = os.path.join(folder, "asv.conf.json")
-    Path(path).write_text(json.dumps(conf, indent=4))
-    return path
+    html = ["--html"] if os.path.isdir("results/asv") else []
+    session.run("python", "-m", "moebench", "report", *session.posargs, *html)
 
 
 @nox.session
 def smoke(session: nox.Session) -> None:
-    """The bench and report sessions end to end on the tiny profile, in a throwaway folder:
-    the CI check that the benchmark still runs (two minutes on 2 cores)."""
+    """The main job end to end on the tiny profile, in a throwaway folder (asv's results
+    and web report included): the CI check that the benchmark still runs."""
     install(session, "bench")
     tmp = os.path.abspath(session.create_tmp())
-    config = ["--config", _asv_config(tmp)]
-    tiny = {"MOEBENCH_PROFILE": "tiny"}
-    session.run("asv", "check", *config, "--environment", "existing", env=tiny)
-    run = _bench(session, tmp, "tiny", asv_args=config)
-    session.run("python", "-m", "moebench", "targets", run)
-    session.run("python", "-m", "moebench", "report", run)
-    session.run("asv", "publish", *config)
+    session.run("python", "-m", "moebench", "bench", "--profile", "tiny", "--results-dir", tmp,
+                "--asv-dir", tmp, *session.posargs)  # fmt: skip

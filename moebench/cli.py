@@ -1,22 +1,23 @@
 """`moebench` (and `python -m moebench`): every command of the benchmark.
 
+    moebench bench [--profile gpu|cpu|tiny] [--families ...]   # the main job, an answer
     moebench compare --preset qwen3-235b-a22b --tokens 64 --impls naive,sorted
     moebench sweep [--profile gpu|cpu|tiny] [--families ...]   # a profile's run file
-    moebench report [RUN.json ...]                             # tables and plots
+    moebench report [RUN.json ...] [--html]                    # tables, plots, web report
     moebench targets RUN.json [--kernels N]                    # the triton layer's targets
     moebench gate BASELINE CANDIDATE                           # gate two runs
     moebench regress [--baseline REV|RUN.json]                 # measure both sides, gate
     moebench where [--profile NAME]                            # "<profile> <machine>"
-    moebench asv-machine NAME                                  # asv's machine file
 
 `compare` is the default: `moebench --preset mixtral-8x7b` compares too. Exit codes, for
-every command: 0 ok, 1 a verdict failed (a regression), 2 bad input or runs that cannot be
-compared (one line on stderr, no traceback).
+every command: 0 ok, 1 a verdict or a step failed (a regression; asv in `bench`), 2 bad
+input or runs that cannot be compared (one line on stderr, no traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import os
 import sys
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .bench import grid, profiling, sweep
-from .bench.environment import asv_machine, environment, machine_name
+from .bench.environment import environment, machine_name
 from .bench.gate import EXIT_INCOMPARABLE, EXIT_PASS, Incomparable, gate
 from .bench.records import tuned_kernels
 from .bench.runs import BadRun, load_run, write_run
@@ -313,23 +314,49 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graph", action="store_true", help="time CUDA graph replays")
 
 
-def run_sweep(args, p) -> int:
+def _sweep_options(args, p) -> dict:
     if args.output and Path(args.output).is_dir():
         p.error(f"--output {args.output} is a folder; give the run file's path")
+    return {
+        "families": args.families,
+        "impls": args.impls,
+        "skews": args.skews,
+        "check": not args.no_check,
+        "flush_l2": args.flush_l2,
+        "cuda_graph": args.cuda_graph,
+    }
+
+
+def run_sweep(args, p) -> int:
     path = sweep.run_profile(
         args.profile,
         output=args.output,
         results_dir=args.results_dir,
-        families=args.families,
-        impls=args.impls,
-        skews=args.skews,
-        check=not args.no_check,
-        flush_l2=args.flush_l2,
-        cuda_graph=args.cuda_graph,
         progress=sweep.Progress(),
+        **_sweep_options(args, p),
     )
     print(path)
     return EXIT_OK
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    _sweep_args(p)
+    p.add_argument("--asv-config", default="asv.conf.json", help="(none here: no asv step)")
+    p.add_argument("--asv-dir", help="asv's results and web report here, not the config's")
+    p.add_argument("--no-asv", action="store_true", help="sweep and report only")
+
+
+def run_bench(args, p) -> int:
+    from .bench.job import main_job  # matplotlib and asv: for this command only
+
+    return main_job(
+        args.profile,
+        results_dir=args.results_dir,
+        output=args.output,
+        asv_config=None if args.no_asv else args.asv_config,
+        asv_dir=args.asv_dir,
+        sweep_options=_sweep_options(args, p),
+    )
 
 
 # --- gate and regress -------------------------------------------------------------------------
@@ -382,15 +409,27 @@ def run_regress(args, p) -> int:
 def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="*", help="run files (default: newest in each folder)")
     p.add_argument("--results-dir", default="results")
+    p.add_argument(
+        "--html",
+        metavar="ASV_CONFIG",
+        nargs="?",
+        const="asv.conf.json",
+        help="also asv's web report, with its scripts beside it (default config: %(const)s)",
+    )
 
 
 def run_report(args, p) -> int:
     from .bench.report import latest_runs, write_report  # matplotlib: for this command only
 
-    if not args.runs and not Path(args.results_dir).is_dir():
+    if args.html and not Path(args.html).is_file():
+        return _fail(f"--html {args.html}: no such asv config")
+    # With --html, the web report of asv's results stands on its own.
+    runs = [Path(run) for run in args.runs]
+    if not runs and Path(args.results_dir).is_dir():
+        runs = latest_runs(args.results_dir)
+    elif not runs and not args.html:
         return _fail(f"{args.results_dir}: no such folder")
-    runs = [Path(run) for run in args.runs] or latest_runs(args.results_dir)
-    if not runs:
+    if not runs and not args.html:
         return _fail(f"no run files under {args.results_dir}/; run `nox -s bench`")
     folders: dict[Path, Path] = {}
     for run in runs:
@@ -404,6 +443,22 @@ def run_report(args, p) -> int:
     for run in runs:
         for path in write_report(run):
             print(path)
+    if args.html:
+        return _publish(args.html)
+    return EXIT_OK
+
+
+def _publish(config) -> int:
+    from .bench import asv
+
+    if not Path(asv.read_config(config)["results_dir"]).is_dir():
+        return _fail(f"{config}: no asv results yet; run `moebench bench` first")
+    log = io.StringIO()  # asv's output, shown when it fails
+    try:
+        print(asv.publish(config, log))
+    except Exception as e:
+        sys.stderr.write(log.getvalue())
+        return _fail(f"the web report: {e}")
     return EXIT_OK
 
 
@@ -477,22 +532,8 @@ def run_where(args, p) -> int:
     return EXIT_OK
 
 
-def _asv_machine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name", help="the asv machine name, <profile>-<machine>")
-    p.add_argument("--config", help="asv.conf.json whose machine file to write (asv's default)")
-
-
-def run_asv_machine(args, p) -> int:
-    """Record every field of this machine in asv's machine file: `asv machine --yes
-    --machine NAME` keeps only the fields that differ from its defaults."""
-    import asv.machine
-
-    fields = {**asv.machine.Machine.get_defaults(), **asv_machine(), "machine": args.name}
-    asv.machine.Machine.load(machine_name=args.name, **fields)
-    return EXIT_OK
-
-
 COMMANDS = {
+    "bench": (_bench_args, run_bench, "the main job: sweep, asv, report, and a summary"),
     "compare": (_compare_args, compare, "time implementations on one layer shape"),
     "sweep": (_sweep_args, run_sweep, "run a benchmark profile; write its run file"),
     "report": (_report_args, run_report, "tables and plots beside run files"),
@@ -500,7 +541,6 @@ COMMANDS = {
     "gate": (_gate_args, run_gate, "gate a candidate run against a baseline run"),
     "regress": (_regress_args, run_regress, "measure a baseline and this tree, then gate"),
     "where": (_where_args, run_where, 'print "<profile> <machine>"'),
-    "asv-machine": (_asv_machine_args, run_asv_machine, "write asv's machine file"),
 }
 
 

@@ -73,14 +73,17 @@ def check_inputs(x_TD, routing, weights, out_TD=None) -> None:
     if out_TD is not None:
         _check_out(out_TD, x_TD)
     if routing.ids.numel():
-        # One host sync for the three value checks.
-        lo, hi, nan = torch.stack(
-            [routing.ids.min(), routing.ids.max(), routing.weights.isnan().any().long()]
+        # One host sync for the value checks.
+        w = routing.weights
+        lo, hi, nan, inf = torch.stack(
+            [routing.ids.min(), routing.ids.max(), w.isnan().sum(), w.isinf().sum()]
         ).tolist()
         if lo < 0 or hi >= E:
             raise ValueError(f"expert ids must be in [0, {E}), got ids in [{lo}, {hi}]")
-        if nan:
-            raise ValueError("routing weights contain NaN")
+        if nan or inf:
+            raise ValueError(
+                f"routing weights must be finite: {nan} NaN and {inf} inf of {w.numel()}"
+            )
 
 
 def _check_out(out_TD, x_TD) -> None:

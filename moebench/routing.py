@@ -90,7 +90,19 @@ def route(
     weights_TK = scores_TE.gather(-1, ids_TK)
     if renormalize:
         weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
-    return Routing(ids_TK, weights_TK * scale)
+    weights_TK = weights_TK * scale
+    if logits_TE.numel():
+        # One host sync: NaN logits would pick experts by an unordered topk, and a +inf
+        # logit (or a bias or scale that overflows) gives NaN or inf weights.
+        nan, bad = torch.stack([logits_TE.isnan().sum(), (~weights_TK.isfinite()).sum()]).tolist()
+        if nan:
+            raise ValueError(f"router logits contain NaN: {nan} of {logits_TE.numel()}")
+        if bad:
+            raise ValueError(
+                f"router logits give {bad} non-finite routing weights of {weights_TK.numel()} "
+                "(a logit, bias or scale of inf, or a token whose logits are all -inf?)"
+            )
+    return Routing(ids_TK, weights_TK)
 
 
 def load_balancing_loss(logits_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
@@ -109,9 +121,11 @@ def load_balancing_loss(logits_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.
         raise ValueError(f"ids must be an integer tensor, got {ids_TK.dtype}")
     if T == 0:
         raise ValueError("the load-balancing loss needs at least one token, got T=0")
-    lo, hi = torch.stack([ids_TK.min(), ids_TK.max()]).tolist()  # one host sync
+    lo, hi, nan = torch.stack([ids_TK.min(), ids_TK.max(), logits_TE.isnan().sum()]).tolist()
     if lo < 0 or hi >= num_experts:
         raise ValueError(f"expert ids must be in [0, {num_experts}), got ids in [{lo}, {hi}]")
+    if nan:
+        raise ValueError(f"router logits contain NaN: {nan} of {logits_TE.numel()}")
     probs_E = logits_TE.float().softmax(-1).mean(0)
     counts_E = torch.bincount(ids_TK.flatten(), minlength=num_experts).to(probs_E)
     return num_experts * (counts_E / ids_TK.numel() * probs_E).sum()

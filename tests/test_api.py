@@ -111,6 +111,12 @@ def case():
 def bad_inputs():
     """(name, edit of (x, routing, weights), message the error must contain)."""
     ids = lambda r, v: mb.Routing(torch.full_like(r.ids, v), r.weights)
+
+    def poison(r, value):
+        weights = r.weights.clone()
+        weights[3, 1] = value
+        return mb.Routing(r.ids, weights)
+
     return [
         ("x rank", lambda x, r, w: (x[None], r, w), r"x must be \[T, D=16\]"),
         ("x width", lambda x, r, w: (x[:, :8], r, w), r"x must be \[T, D=16\]"),
@@ -120,8 +126,10 @@ def bad_inputs():
         (
             "nan weights",
             lambda x, r, w: (x, mb.Routing(r.ids, torch.full_like(r.weights, math.nan)), w),
-            "NaN",
+            "routing weights must be finite: 12 NaN and 0 inf of 12",
         ),
+        ("inf weight", lambda x, r, w: (x, poison(r, math.inf), w), "0 NaN and 1 inf of 12"),
+        ("-inf weight", lambda x, r, w: (x, poison(r, -math.inf), w), "0 NaN and 1 inf of 12"),
         ("dtype", lambda x, r, w: (x.double(), r, w), "x is torch.float64, weights are"),
         ("device", lambda x, r, w: (x, r.to("meta"), w), "x is on cpu, routing on meta"),
         (

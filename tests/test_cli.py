@@ -141,7 +141,10 @@ def test_where_prints_the_profile_and_machine(capsys, monkeypatch):
         (["targets", "run.json", "--kernels", "x"], "argument --kernels: expected an integer"),
         (["targets", "/nowhere/run.json"], "/nowhere/run.json: cannot read the run"),
         (["report", "--results-dir", "/nowhere"], "/nowhere: no such folder"),
-        (["frob"], "argument command: invalid choice: 'frob' (choose from 'compare'"),
+        (["bench", "--profile", "huge"], "argument --profile: invalid choice: 'huge'"),
+        (["bench", "--skews", "lopsided"], "argument --skews: unknown skew ['lopsided']"),
+        (["report", "--html", "/nowhere/asv.conf.json"], "/nowhere/asv.conf.json: no such asv"),
+        (["frob"], "argument command: invalid choice: 'frob' (choose from 'bench'"),
     ],
     ids=[
         "sweep-profile",
@@ -152,6 +155,9 @@ def test_where_prints_the_profile_and_machine(capsys, monkeypatch):
         "kernels",
         "run",
         "results",
+        "bench-profile",
+        "bench-skew",
+        "report-html",
         "command",
     ],
 )
@@ -168,7 +174,7 @@ def test_every_command_says_bad_input_in_one_line_with_exit_2(argv, message, cap
 
 def test_no_command_prints_the_commands_and_exits_2(capsys):
     assert cli.main([]) == 2
-    assert "{compare,sweep,report,targets,gate,regress" in capsys.readouterr().err
+    assert "{bench,compare,sweep,report,targets,gate,regress" in capsys.readouterr().err
 
 
 def test_report_without_run_files_is_bad_input(tmp_path, capsys):

@@ -1,4 +1,5 @@
 import hashlib
+import math
 
 import pytest
 import torch
@@ -110,6 +111,24 @@ def test_route_is_differentiable_and_checks_its_input():
         ValueError, match=r"router bias must be a tensor \[E=6\], got <class 'list'>"
     ):
         mb.route(logits, top_k=2, bias_E=[0.0] * 6)
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_route_refuses_nan_logits_and_non_finite_weights(scoring):
+    logits = torch.randn(8, 6)
+    logits[5, 2] = math.nan
+    with pytest.raises(ValueError, match="router logits contain NaN: 1 of 48"):
+        mb.route(logits, top_k=2, scoring=scoring)
+    logits[5, 2] = math.inf
+    with pytest.raises(ValueError, match="non-finite routing weights"):
+        mb.route(logits, top_k=2, scoring=scoring, scale=1.0 if scoring == "softmax" else math.inf)
+    with pytest.raises(ValueError, match="router logits contain NaN"):
+        mb.load_balancing_loss(torch.full((8, 6), math.nan), torch.zeros(8, 2, dtype=torch.long))
+    # -inf masks experts out (as group-limited routing does): that stays a valid routing.
+    logits[5, 2] = -math.inf
+    r = mb.route(logits, top_k=2, scoring=scoring)
+    assert torch.isfinite(r.weights).all() and 2 not in r.ids[5].tolist()
+    assert mb.route(torch.empty(0, 6), top_k=2).ids.shape == (0, 2)
 
 
 def test_load_balancing_loss():

@@ -78,11 +78,14 @@ def machine_name() -> str:
 
 
 def asv_machine() -> dict:
-    """This machine in asv's terms (`asv machine --yes` alone records only the name)."""
+    """This machine in asv's terms (`asv machine --yes` alone records only the name).
+    asv splits a machine's history at every change of these fields, so they name the
+    hardware and the OS family only; the kernel build, which differs between hosts of one
+    kind, is in each run file's `platform`."""
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return {
-        "os": platform.platform(),
+        "os": platform.system(),
         "arch": platform.machine(),
         "cpu": f"{_cpu_model()}{gpu}",
         "num_cpu": str(os.cpu_count()),

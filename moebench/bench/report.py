@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -366,3 +367,141 @@ def latest_runs(results_dir="results") -> list[Path]:
     """The newest run file of each results/<profile>-<machine>/ folder (names sort by time)."""
     folders = sorted(p for p in Path(results_dir).iterdir() if p.is_dir())
     return [sorted(f.glob("run-*.json"))[-1] for f in folders if any(f.glob("run-*.json"))]
+
+
+# --- the console summary: the answer `moebench bench` ends with ---------------------------
+
+
+def console_summary(env: dict, frame: pd.DataFrame, width: int = 100) -> str:
+    """A screenful: per family, the fastest impl at each point (balanced routing), each
+    impl's overhead under the worst skew, where padded drops pairs or runs out of memory,
+    each impl's peak memory, and what was skipped."""
+    profile = env.get("profile")
+    device = env.get("gpu") or f"{env.get('cpu')}, {env.get('torch_threads')} torch thread(s)"
+    out = [f"{profile} profile on {env.get('machine')} ({device}), commit "
+           f"{str(env.get('commit'))[:8]}, {env.get('duration_s')} s"]  # fmt: skip
+    if env.get("partial"):
+        out.append("partial run: the sweep stopped before its last point")
+    legend = ("fastest: under balanced routing, (the next fastest's time / its time); "
+              "worst skew: the routing with the largest time / balanced time, and each impl's "
+              "largest there; peak memory: above inputs and weights")  # fmt: skip
+    out.append(textwrap.fill(legend, width))
+    for family in dict.fromkeys(frame["family"]):
+        part = frame[frame["family"] == family]
+        order = _ordered(frame, family, profile)
+        models = family.removesuffix(grid.TRAIN) == "models"
+        out += ["", f"{family}:"]
+        lines = {
+            "fastest": _fastest(part, order, models),
+            "worst skew": _worst_skew(part),
+            "padded": _padded(part, order),
+            "peak memory": _peaks(part),
+            "skipped": _skipped(part),
+        }
+        for name, text in lines.items():
+            if text:
+                head, indent = f"  {name:<13}", " " * 15
+                wrap = textwrap.TextWrapper(width, head, indent, break_on_hyphens=False)
+                out.append(wrap.fill(text))
+    return "\n".join(out) + "\n"
+
+
+def _span(labels: list[str]) -> str:
+    """ "E=8..512", "mixtral-8x7b/T=1..64": the last label without what the first shares."""
+    first, last = labels[0], labels[-1]
+    if first == last:
+        return first
+    head, _, number = first.rpartition("=")
+    if head and last.startswith(head + "=") and number.isdigit():
+        last = last[len(head) + 1 :]
+    return f"{first}..{last}"
+
+
+def _fastest(part: pd.DataFrame, order: list[str], models: bool) -> str:
+    """Runs of points with one winner and its margin over the next fastest impl:
+    "sorted at E=32..8192 (1.21-3.10x)"; a run does not cross from one model to another."""
+    times = _ok(part, "balanced").pivot_table(index="label", columns="impl", values="time_ms")
+    group = (lambda label: label.split("/")[0]) if models else (lambda label: "")
+    runs: list[tuple[str, list[str], list[float]]] = []
+    for label in [lb for lb in order if lb in times.index]:
+        row = times.loc[label].dropna().sort_values()
+        if row.empty:
+            continue
+        margin = row.iloc[1] / row.iloc[0] if len(row) > 1 else math.nan
+        last = runs[-1] if runs else None
+        if last and last[0] == row.index[0] and group(last[1][-1]) == group(label):
+            last[1].append(label)
+            last[2].append(margin)
+        else:
+            runs.append((row.index[0], [label], [margin]))
+
+    def margins(values):
+        values = [m for m in values if not math.isnan(m)]
+        if not values:
+            return ""
+        lo, hi = f"{min(values):.2f}", f"{max(values):.2f}"
+        return f" ({lo if lo == hi else f'{lo}-{hi}'}x)"
+
+    if len({impl for impl, _, _ in runs}) == 1:
+        impl, _, _ = runs[0]
+        return f"{impl} at every point" + margins([m for run in runs for m in run[2]])
+    return "; ".join(f"{impl} at {_span(labels)}{margins(m)}" for impl, labels, m in runs)
+
+
+def _worst_skew(part: pd.DataFrame) -> str:
+    """The skew with the largest overhead, and each impl's largest overhead under it."""
+    skewed = _ok(part)
+    skewed = skewed[(skewed["skew"] != "balanced") & skewed["imbalance_overhead"].notna()]
+    if skewed.empty:
+        return ""
+    skew = skewed.loc[skewed["imbalance_overhead"].astype(float).idxmax(), "skew"]
+    under = skewed[skewed["skew"] == skew]
+    worst = under.loc[under.groupby("impl")["imbalance_overhead"].idxmax()]
+    return f"{skew}: " + ", ".join(
+        f"{r.impl} {r.imbalance_overhead:.2f}x at {r.label}" for r in worst.itertuples()
+    )
+
+
+def _padded(part: pd.DataFrame, order: list[str]) -> str:
+    padded = part[part["impl"] == "padded"]
+    said = []
+    drops = _ok(padded)
+    drops = drops[drops["dropped_fraction"].astype(float) > 0]
+    for skew in [s for s in grid.SKEWS if s in set(drops["skew"])]:
+        worst = drops[drops["skew"] == skew]["dropped_fraction"].astype(float).max()
+        said.append(f"{skew} up to {worst:.0%}" if worst >= 0.005 else f"{skew} under 1%")
+    out = f"drops pairs under {', '.join(said)}" if said else ""
+    oom = padded[padded["reason"].fillna("").str.startswith("out of memory")]
+    if len(oom):
+        labels = [lb for lb in order if lb in set(oom["label"])]
+        out += ("; " if out else "") + f"out of memory at {', '.join(labels)}"
+    return out
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.3g} {unit}"
+        n /= 1024
+    return ""
+
+
+def _peaks(part: pd.DataFrame) -> str:
+    """Each impl's largest peak (memory above inputs and weights) over the family."""
+    ok = _ok(part)
+    ok = ok[ok["peak_bytes"].notna()]
+    if ok.empty:
+        return ""
+    peak = ok.loc[ok.groupby("impl")["peak_bytes"].idxmax()]
+    return ", ".join(f"{r.impl} {_size(r.peak_bytes)} at {r.label}" for r in peak.itertuples())
+
+
+def _skipped(part: pd.DataFrame) -> str:
+    """Per impl: how many records were skipped, and the commonest reason."""
+    said = []
+    for impl, rows in part[part["status"] != "ok"].groupby("impl", sort=False):
+        reasons = rows["reason"].value_counts()
+        other = f" and {len(reasons) - 1} other reasons" if len(reasons) > 1 else ""
+        total = (part["impl"] == impl).sum()
+        said.append(f"{impl} {len(rows)} of {total} ({reasons.index[0]}{other})")
+    return "; ".join(said)

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from moebench import cli
-from moebench.bench import grid, runs
+from moebench.bench import asv, grid, runs
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TIME, IMBALANCE, DROPPED = ("time_ms", "peak_bytes"), ("imbalance_overhead",), ("dropped_fraction",)
@@ -69,22 +69,13 @@ def test_gpu_profile_adds_the_replay_suites(tmp_path):
 def asv_config(folder):
     """The repository's asv.conf.json with results under `folder`: asv writes machine.json
     even with --dry-run, and a test must not write into results/."""
-    text = (ROOT / "asv.conf.json").read_text()
-    conf = json.loads("\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("//")))
-    assert (conf["environment_type"], conf["results_dir"]) == ("existing", "results/asv")
-    conf.update(
-        repo=str(ROOT),
-        benchmark_dir=str(ROOT / "benchmarks"),
-        results_dir=str(folder / "asv"),
-        html_dir=str(folder / "html"),
-    )
-    path = folder / "asv.conf.json"
-    path.write_text(json.dumps(conf))
-    return ["--config", str(path)]
+    conf = asv.read_config(ROOT / "asv.conf.json")
+    assert (conf["environment_type"], conf["plugins"]) == ("moebench", [".moebench.bench.asv"])
+    return ["--config", str(asv.config_under(ROOT / "asv.conf.json", folder))]
 
 
-def test_asv_check_in_the_existing_environment(tmp_path):
-    check = ["check", *asv_config(tmp_path), "--environment", "existing"]
+def test_asv_check_in_the_machine_environment(tmp_path):
+    check = ["check", *asv_config(tmp_path)]
     done = run([sys.executable, "-m", "asv", *check], tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "No problems found" in done.stdout
@@ -106,7 +97,7 @@ def test_asv_run_reports_the_run_file(tiny_run, tmp_path):
     machine = ["--machine", "pytest-tiny"]
     done = run([sys.executable, "-m", "asv", "machine", "--yes", *machine], tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
-    args = ["run", *asv_config(tmp_path), "--environment", "existing"]
+    args = ["run", *asv_config(tmp_path)]
     args += ["--set-commit-hash", commit, *machine, "--bench", "ScaleOut(Imbalance|Dropped)"]
     done = run([sys.executable, "-m", "asv", *args], tmp_path, MOEBENCH_RUN=str(tiny_run))
     assert done.returncode == 0, done.stdout + done.stderr
@@ -125,7 +116,43 @@ def test_asv_run_reports_the_run_file(tiny_run, tmp_path):
     # Triton has no CUDA here: skipped by the sweep, shown by asv as n/a.
     assert any("triton" in ln and "n/a" in ln for ln in lines)
     # Recorded against the commit, under the machine's name.
-    (saved,) = (tmp_path / "asv" / "pytest-tiny").glob(f"{commit[:8]}-existing-*.json")
+    (saved,) = (tmp_path / "asv" / "pytest-tiny").glob(f"{commit[:8]}-moebench-py*.json")
     results = json.loads(saved.read_text())
     assert results["commit_hash"] == commit
     assert "families.ScaleOutDropped.track_dropped_fraction" in results["results"]
+
+
+def test_two_interpreters_of_one_machine_extend_one_history(tiny_run, tmp_path):
+    """Runs from two interpreter paths (two checkouts' nox venvs, say) at two commits
+    form one series in the web report: asv's `existing` environment, named by the path,
+    split them."""
+    commits = subprocess.run(["git", "rev-list", "--max-count=2", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True).stdout.split()  # fmt: skip
+    if len(commits) < 2:
+        pytest.skip("needs a git checkout with two commits")
+    # A second interpreter path: a venv that sees this one's packages.
+    venv = tmp_path / "other checkout" / ".nox" / "bench"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    (site,) = venv.glob("lib/python*/site-packages")
+    here = [p for p in sys.path if p.endswith("site-packages")]
+    (site / "here.pth").write_text(f"import site; list(map(site.addsitedir, {here!r}))\n")
+    config = asv_config(tmp_path)
+    done = run([sys.executable, "-m", "asv", "machine", "--yes", "--machine", "pytest-tiny"],
+               tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    for python, commit in [
+        (sys.executable, commits[1]),
+        (str(venv / "bin" / "python"), commits[0]),
+    ]:
+        args = [python, "-m", "asv", "run", *config, "--set-commit-hash", commit,
+                "--machine", "pytest-tiny", "--bench", "ScaleOutDropped"]  # fmt: skip
+        done = run(args, tmp_path, MOEBENCH_RUN=str(tiny_run))
+        assert done.returncode == 0, done.stdout + done.stderr
+    saved = sorted(p.name for p in (tmp_path / "asv" / "pytest-tiny").glob("*-moebench-*.json"))
+    assert len(saved) == 2 and len({name.split("-", 1)[1] for name in saved}) == 1
+    done = run([sys.executable, "-m", "asv", "publish", *config], tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    graphs = list((tmp_path / "html" / "graphs").rglob("families.ScaleOutDropped.*.json"))
+    series = [g for g in graphs if "machine-pytest-tiny" in str(g)]
+    assert len(series) == 1  # one series, with both commits on it
+    assert len(json.loads(series[0].read_text())) == 2
