@@ -97,10 +97,10 @@ def config_under(path, folder) -> Path:
 def write_machine(name: str) -> None:
     """Record every field of this machine in asv's machine file under `name`: `asv machine
     --yes` keeps only the fields that differ from its defaults."""
-    import asv.machine
+    from asv.machine import Machine, MachineCollection
 
-    fields = {**asv.machine.Machine.get_defaults(), **asv_machine(), "machine": name}
-    asv.machine.Machine.load(machine_name=name, **fields)
+    fields = {**Machine.get_defaults(), **asv_machine(), "machine": name}
+    MachineCollection.save(name, {key: fields[key] for key, _ in Machine.fields})
 
 
 def run_asv(args: list[str], config, log, progress=None, env=None) -> int:

@@ -17,6 +17,7 @@ A step that fails is named, and the steps after it still run on what was measure
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -45,7 +46,9 @@ class Bar:
         filled = round(fraction * self.width)
         text = f"{self.label} [{'#' * filled}{'.' * (self.width - filled)}] {fraction:4.0%}{eta}"
         if self.tty:
-            self.stream.write(f"\r{text}  {note}"[:120].ljust(120))
+            # One row of the terminal: a wrapped line would not be redrawn by the \r.
+            columns = shutil.get_terminal_size().columns - 1
+            self.stream.write("\r" + f"{text}  {note}"[:columns].ljust(columns))
         elif int(fraction * 10) > self.shown:
             self.shown = int(fraction * 10)
             self.stream.write(f"{text}  {note}\n")

@@ -375,34 +375,34 @@ def latest_runs(results_dir="results") -> list[Path]:
 def console_summary(env: dict, frame: pd.DataFrame, width: int = 100) -> str:
     """A screenful: per family, the fastest impl at each point (balanced routing), each
     impl's overhead under the worst skew, where padded drops pairs or runs out of memory,
-    each impl's peak memory, and what was skipped."""
+    and each impl's peak memory; then what was skipped."""
     profile = env.get("profile")
     device = env.get("gpu") or f"{env.get('cpu')}, {env.get('torch_threads')} torch thread(s)"
     out = [f"{profile} profile on {env.get('machine')} ({device}), commit "
            f"{str(env.get('commit'))[:8]}, {env.get('duration_s')} s"]  # fmt: skip
     if env.get("partial"):
         out.append("partial run: the sweep stopped before its last point")
-    legend = ("fastest: under balanced routing, (the next fastest's time / its time); "
-              "worst skew: the routing with the largest time / balanced time, and each impl's "
-              "largest there; peak memory: above inputs and weights")  # fmt: skip
+    legend = ("fastest: balanced routing (the next fastest's time / its time); worst skew: "
+              "time / balanced time, each impl's largest; peak memory: above inputs and "
+              "weights, each impl's largest")  # fmt: skip
     out.append(textwrap.fill(legend, width))
+
+    def line(name: str, text: str) -> None:
+        if text:
+            head, indent = f"  {name:<13}", " " * 15
+            wrap = textwrap.TextWrapper(width, head, indent, break_on_hyphens=False)
+            out.append(wrap.fill(text))
+
     for family in dict.fromkeys(frame["family"]):
         part = frame[frame["family"] == family]
-        order = _ordered(frame, family, profile)
         models = family.removesuffix(grid.TRAIN) == "models"
         out += ["", f"{family}:"]
-        lines = {
-            "fastest": _fastest(part, order, models),
-            "worst skew": _worst_skew(part),
-            "padded": _padded(part, order),
-            "peak memory": _peaks(part),
-            "skipped": _skipped(part),
-        }
-        for name, text in lines.items():
-            if text:
-                head, indent = f"  {name:<13}", " " * 15
-                wrap = textwrap.TextWrapper(width, head, indent, break_on_hyphens=False)
-                out.append(wrap.fill(text))
+        line("fastest", _fastest(part, _ordered(frame, family, profile), models))
+        line("worst skew", _worst_skew(part))
+        line("padded", _padded(part, _ordered(frame, family, profile)))
+        line("peak memory", _peaks(part))
+    out.append("")
+    line("skipped", _skipped(frame))
     return "\n".join(out) + "\n"
 
 
@@ -458,19 +458,21 @@ def _worst_skew(part: pd.DataFrame) -> str:
     under = skewed[skewed["skew"] == skew]
     worst = under.loc[under.groupby("impl")["imbalance_overhead"].idxmax()]
     return f"{skew}: " + ", ".join(
-        f"{r.impl} {r.imbalance_overhead:.2f}x at {r.label}" for r in worst.itertuples()
+        f"{r.impl} {r.imbalance_overhead:.2f}x" for r in worst.itertuples()
     )
 
 
 def _padded(part: pd.DataFrame, order: list[str]) -> str:
+    """The largest fraction of pairs padded drops under each skew, and where it ran out of
+    memory."""
     padded = part[part["impl"] == "padded"]
-    said = []
     drops = _ok(padded)
     drops = drops[drops["dropped_fraction"].astype(float) > 0]
+    said = []
     for skew in [s for s in grid.SKEWS if s in set(drops["skew"])]:
         worst = drops[drops["skew"] == skew]["dropped_fraction"].astype(float).max()
-        said.append(f"{skew} up to {worst:.0%}" if worst >= 0.005 else f"{skew} under 1%")
-    out = f"drops pairs under {', '.join(said)}" if said else ""
+        said.append(f"{skew} {worst:.0%}" if worst >= 0.005 else f"{skew} <1%")
+    out = f"drops up to {', '.join(said)} of pairs" if said else ""
     oom = padded[padded["reason"].fillna("").str.startswith("out of memory")]
     if len(oom):
         labels = [lb for lb in order if lb in set(oom["label"])]
@@ -493,15 +495,15 @@ def _peaks(part: pd.DataFrame) -> str:
     if ok.empty:
         return ""
     peak = ok.loc[ok.groupby("impl")["peak_bytes"].idxmax()]
-    return ", ".join(f"{r.impl} {_size(r.peak_bytes)} at {r.label}" for r in peak.itertuples())
+    return ", ".join(f"{r.impl} {_size(r.peak_bytes)} ({r.label})" for r in peak.itertuples())
 
 
-def _skipped(part: pd.DataFrame) -> str:
+def _skipped(frame: pd.DataFrame) -> str:
     """Per impl: how many records were skipped, and the commonest reason."""
     said = []
-    for impl, rows in part[part["status"] != "ok"].groupby("impl", sort=False):
+    for impl, rows in frame[frame["status"] != "ok"].groupby("impl", sort=False):
         reasons = rows["reason"].value_counts()
         other = f" and {len(reasons) - 1} other reasons" if len(reasons) > 1 else ""
-        total = (part["impl"] == impl).sum()
+        total = (frame["impl"] == impl).sum()
         said.append(f"{impl} {len(rows)} of {total} ({reasons.index[0]}{other})")
     return "; ".join(said)

@@ -50,9 +50,9 @@ def test_console_summary_answers_per_family():
     lines = {ln.split()[0]: ln for ln in text.splitlines() if ln.startswith("  ")}
     assert "tiny profile on box (a CPU, 1 torch thread(s)), commit 01234567, 12.5 s" in text
     assert "sorted at E=8..16 (1.50-2.00x); padded at E=32 (1.50x)" in lines["fastest"]
-    assert "collapse: naive 1.50x at E=8, padded 1.50x at E=8, sorted 4.00x at E=16" in text
-    assert "drops pairs under collapse up to 90%; out of memory at E=16" in lines["padded"]
-    assert "naive 32 MiB at E=32, padded 32 MiB at E=32, sorted 32 MiB at E=32" in text
+    assert "collapse: naive 1.50x, padded 1.50x, sorted 4.00x" in lines["worst"]
+    assert "drops up to collapse 90% of pairs; out of memory at E=16" in lines["padded"]
+    assert "naive 32 MiB (E=32), padded 32 MiB (E=32), sorted 32 MiB (E=32)" in lines["peak"]
     assert "padded 1 of 9 (out of memory: CUDA out of memory)" in lines["skipped"]
 
 
@@ -106,8 +106,9 @@ def bench(tmp_path_factory):
 def test_bench_ends_with_a_screenful_naming_the_files(bench):
     code, out, err, tmp = bench
     assert code == 0, err
-    assert len(out.splitlines()) <= 40
+    assert len(out.splitlines()) <= 30
     assert "scale-out:" in out and "fastest" in out and "worst skew   collapse:" in out
+    assert "triton 6 of 6 (unsupported: triton needs a CUDA device)" in out
     (run,) = tmp.glob("tiny-*/run-*.json")
     for path in (run, run.parent / "summary.md", run.parent / "plots", tmp / "html" / "index.html",
                  run.with_suffix(".log")):  # fmt: skip
