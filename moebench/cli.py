@@ -341,7 +341,7 @@ def run_sweep(args, p) -> int:
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
     _sweep_args(p)
-    p.add_argument("--asv-config", default="asv.conf.json", help="(none here: no asv step)")
+    _asv_config_arg(p)
     p.add_argument("--asv-dir", help="asv's results and web report here, not the config's")
     p.add_argument("--no-asv", action="store_true", help="sweep and report only")
 
@@ -349,6 +349,10 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 def run_bench(args, p) -> int:
     from .bench.job import main_job  # matplotlib and asv: for this command only
 
+    if not args.no_asv and not Path(args.asv_config).is_file():
+        p.error(
+            f"--asv-config {args.asv_config}: no such file (run from the checkout, or --no-asv)"
+        )
     return main_job(
         args.profile,
         results_dir=args.results_dir,
@@ -409,20 +413,19 @@ def run_regress(args, p) -> int:
 def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="*", help="run files (default: newest in each folder)")
     p.add_argument("--results-dir", default="results")
-    p.add_argument(
-        "--html",
-        metavar="ASV_CONFIG",
-        nargs="?",
-        const="asv.conf.json",
-        help="also asv's web report, with its scripts beside it (default config: %(const)s)",
-    )
+    p.add_argument("--html", action="store_true", help="also asv's web report, readable offline")
+    _asv_config_arg(p)
+
+
+def _asv_config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--asv-config", default="asv.conf.json", help="(default: %(default)s)")
 
 
 def run_report(args, p) -> int:
     from .bench.report import latest_runs, write_report  # matplotlib: for this command only
 
-    if args.html and not Path(args.html).is_file():
-        return _fail(f"--html {args.html}: no such asv config")
+    if args.html and not Path(args.asv_config).is_file():
+        return _fail(f"--asv-config {args.asv_config}: no such asv config")
     # With --html, the web report of asv's results stands on its own.
     runs = [Path(run) for run in args.runs]
     if not runs and Path(args.results_dir).is_dir():
@@ -444,7 +447,7 @@ def run_report(args, p) -> int:
         for path in write_report(run):
             print(path)
     if args.html:
-        return _publish(args.html)
+        return _publish(args.asv_config)
     return EXIT_OK
 
 

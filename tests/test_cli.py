@@ -143,7 +143,8 @@ def test_where_prints_the_profile_and_machine(capsys, monkeypatch):
         (["report", "--results-dir", "/nowhere"], "/nowhere: no such folder"),
         (["bench", "--profile", "huge"], "argument --profile: invalid choice: 'huge'"),
         (["bench", "--skews", "lopsided"], "argument --skews: unknown skew ['lopsided']"),
-        (["report", "--html", "/nowhere/asv.conf.json"], "/nowhere/asv.conf.json: no such asv"),
+        (["report", "--html", "--asv-config", "/nowhere/c.json"], "/nowhere/c.json: no such asv"),
+        (["bench", "--asv-config", "/nowhere/c.json"], "/nowhere/c.json: no such file"),
         (["frob"], "argument command: invalid choice: 'frob' (choose from 'bench'"),
     ],
     ids=[
@@ -158,6 +159,7 @@ def test_where_prints_the_profile_and_machine(capsys, monkeypatch):
         "bench-profile",
         "bench-skew",
         "report-html",
+        "bench-asv-config",
         "command",
     ],
 )

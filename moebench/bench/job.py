@@ -76,8 +76,8 @@ def main_job(
     stream=None,
 ) -> int:
     """Run the job; returns 0, or 1 when asv or the web report failed (the run file and the
-    summary stand). asv_config None (or a missing file) leaves asv out; asv_dir puts asv's
-    results and web report under that folder instead of the config's."""
+    summary stand). asv_config None leaves asv out; asv_dir puts asv's results and web
+    report under that folder instead of the config's."""
     stream = stream or sys.stdout
     p = grid.get_profile(profile)
     run = Path(output or run_path(results_dir, {"profile": p.name, "machine": machine_name()}))
@@ -95,19 +95,19 @@ def main_job(
         sweep.run_profile(p.name, output=run, progress=progress, **(sweep_options or {}))
         bar.close()
         html = None
-        if asv_config and Path(asv_config).is_file():
+        if asv_config:
             config = asv.config_under(asv_config, asv_dir) if asv_dir else Path(asv_config)
             html, error = _asv(run, p.name, config, log)
             failed += [error] if error else []
-        report_files = report.write_report(run)
+        report.write_report(run)
     env, frame = load_run(run)
     print(report.console_summary(env, frame), file=stream)
     if (frame[frame["impl"] == "triton"]["status"] == "ok").any():
         print(targets.markdown(env, frame), file=stream)
     print("Files:", file=stream)
     print(f"  run       {run}", file=stream)
-    print(f"  summary   {report_files[1]} (and summary.csv)", file=stream)
-    print(f"  plots     {report_files[1].parent / 'plots'}/", file=stream)
+    print(f"  summary   {run.parent / 'summary.md'} (and summary.csv)", file=stream)
+    print(f"  plots     {run.parent / 'plots'}/", file=stream)
     if html:
         serve = f"python -m http.server -d {html.parent}"
         print(f"  web       {html} (works offline; serve it: {serve})", file=stream)

@@ -205,7 +205,8 @@ def report(tmp_path_factory, chromium):
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)  # asv loads the plugin here
     shutil.copytree(tmp / "html", tmp / "as-published")
     shutil.rmtree(tmp / "html")
-    assert cli.main(["report", "--results-dir", str(tmp / "no runs"), "--html", str(config)]) == 0
+    args = ["--results-dir", str(tmp / "no runs"), "--html", "--asv-config", str(config)]
+    assert cli.main(["report", *args]) == 0
     return tmp / "as-published", tmp / "html"
 
 
