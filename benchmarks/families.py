@@ -16,6 +16,7 @@ this module imports torch but never initializes CUDA.
 
 import pathlib
 
+from moebench import registry
 from moebench.bench import asv, grid
 from moebench.bench.environment import HARNESS_VERSION
 
@@ -23,7 +24,10 @@ PROFILE = grid.get_profile()
 RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results"
 
 
-def _params(family, impls=grid.IMPLS, skews=grid.SKEWS):
+def _params(family, impls=None, skews=grid.SKEWS):
+    # Every registered impl: moebench's own, its peers and installed plug-ins; those the run
+    # could not measure show as skipped.
+    impls = impls or registry.names()
     return [[pt.label for pt in grid.points(family, PROFILE)], list(impls), list(skews)]
 
 

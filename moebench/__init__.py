@@ -2,6 +2,7 @@
 
 from .config import PRESETS, MoEConfig, preset
 from .layer import IMPLS, check_inputs, impl_options, moe_forward, reference
+from .registry import Unavailable, declare, register_impl, unregister_impl
 from .routing import SKEWS, LoadStats, Routing, load_balancing_loss, load_stats, make_routing, route
 from .weights import ExpertWeights
 
@@ -15,7 +16,9 @@ __all__ = [
     "LoadStats",
     "MoEConfig",
     "Routing",
+    "Unavailable",
     "check_inputs",
+    "declare",
     "impl_options",
     "load_balancing_loss",
     "load_stats",
@@ -23,5 +26,7 @@ __all__ = [
     "moe_forward",
     "preset",
     "reference",
+    "register_impl",
     "route",
+    "unregister_impl",
 ]

@@ -7,6 +7,7 @@
     moebench targets RUN.json [--kernels N]                    # the triton layer's targets
     moebench gate BASELINE CANDIDATE                           # gate two runs
     moebench regress [--baseline REV|RUN.json]                 # measure both sides, gate
+    moebench check-impl MODULE:FUNCTION                        # the conformance kit
     moebench where [--profile NAME]                            # "<profile> <machine>"
 
 `compare` is the default: `moebench --preset mixtral-8x7b` compares too. Exit codes, for
@@ -25,17 +26,17 @@ from pathlib import Path
 
 import torch
 
+from . import registry
 from .bench import grid, profiling, sweep
 from .bench.environment import environment, machine_name
-from .bench.gate import EXIT_INCOMPARABLE, EXIT_PASS, Incomparable, gate
+from .bench.gate import EXIT_INCOMPARABLE, EXIT_PASS, EXIT_REGRESSION, Incomparable, gate
 from .bench.records import tuned_kernels
 from .bench.runs import BadRun, load_run, write_run
 from .bench.timing import make_timer
-from .config import PRESETS, MoEConfig, preset
-from .layer import IMPLS
+from .config import PRESETS, MoEConfig, preset, torch_dtype
 from .routing import make_routing
 
-EXIT_OK, EXIT_BAD_INPUT = EXIT_PASS, EXIT_INCOMPARABLE
+EXIT_OK, EXIT_VERDICT, EXIT_BAD_INPUT = EXIT_PASS, EXIT_REGRESSION, EXIT_INCOMPARABLE
 
 COLUMNS = (
     ("T", "T", "{}"),
@@ -119,6 +120,19 @@ def choices(known, what: str = "value"):
     return parse
 
 
+def impl_list(text: str) -> list[str]:
+    """An argparse type: registered impl names or module:function, comma-separated."""
+    values = comma_list(text)
+    if not values:
+        raise argparse.ArgumentTypeError(f"an empty list; known: {', '.join(registry.names())}")
+    for value in values:
+        try:
+            registry.get(value)
+        except (ValueError, TypeError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return values
+
+
 def positive_ints(text: str) -> list[int]:
     """An argparse type: comma-separated integers >= 1."""
     try:
@@ -151,7 +165,7 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
         "--shrink", type=int, default=1, help="divide D and F by this (a preset on a laptop)"
     )
     p.add_argument("--tokens", type=positive_ints, default=[4096], help="T, comma-separated")
-    p.add_argument("--impls", type=choices(IMPLS, "impl"), default=list(IMPLS), help="(all)")
+    p.add_argument("--impls", type=impl_list, default=None, help="(all registered)")
     p.add_argument("--skews", type=comma_list, default=["balanced"], help="(balanced)")
     p.add_argument("--device", default=None, help="cuda where available, else cpu")
     p.add_argument("--dtype", default=None, help="bf16 on cuda, fp32 on cpu")
@@ -307,7 +321,7 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", help="run file (default results/<profile>-<machine>/...)")
     p.add_argument("--results-dir", default="results")
     p.add_argument("--families", type=choices(_family_names(), "family"), default=None)
-    p.add_argument("--impls", type=choices(grid.IMPLS, "impl"), default=list(grid.IMPLS))
+    p.add_argument("--impls", type=impl_list, default=None, help="(all registered)")
     p.add_argument("--skews", type=choices(grid.SKEWS, "skew"), default=list(grid.SKEWS))
     p.add_argument("--no-check", action="store_true", help="skip the float64 check")
     p.add_argument("--flush-l2", action="store_true", help="cold L2 before each call")
@@ -397,6 +411,7 @@ def _regress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=positive_int, help="runs per side, alternated")
     p.add_argument("--profile", choices=list(grid.PROFILES), help='"gate" (CPU) or "gpu"')
     p.add_argument("--families", type=choices(_family_names(), "family"), help="(the profile's)")
+    p.add_argument("--impls", type=impl_list, help="(moebench's own)")
     p.add_argument("--output", help="keep the runs in this directory")
     _rule_args(p, None)
 
@@ -519,6 +534,38 @@ def run_targets(args, p) -> int:
     return EXIT_OK
 
 
+# --- check-impl: the conformance kit ------------------------------------------------------
+
+
+def _check_impl_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("impl", help="module:function (or a registered impl name)")
+    p.add_argument("--dtypes", type=comma_list, help="(what the impl declares)")
+    p.add_argument("--device", help="(cuda where available, else cpu)")
+    p.add_argument(
+        "--differentiable",
+        action=argparse.BooleanOptionalAction,
+        help="check gradients (default: what the impl declares)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="list every case")
+
+
+def run_check_impl(args, p) -> int:
+    """Exit 0: the impl conforms; 1: a case failed (each named); 2: bad input."""
+    from .testing import check_impl
+
+    try:
+        spec = registry.get(args.impl)
+        dtypes = [torch_dtype(d) for d in args.dtypes] if args.dtypes else None
+        report = check_impl(spec, dtypes=dtypes, device=args.device,
+                            differentiable=args.differentiable, raise_on_failure=False)  # fmt: skip
+    except (ValueError, TypeError, RuntimeError) as e:  # Unavailable is a RuntimeError too
+        p.error(str(e))
+    if args.verbose:
+        print("\n".join(str(r) for r in report.results if r.error is None))
+    print(report)
+    return EXIT_VERDICT if report.failed else EXIT_OK
+
+
 # --- what nox asks of the package ----------------------------------------------------------
 
 
@@ -543,6 +590,7 @@ COMMANDS = {
     "targets": (_targets_args, run_targets, "the triton layer's targets in one run"),
     "gate": (_gate_args, run_gate, "gate a candidate run against a baseline run"),
     "regress": (_regress_args, run_regress, "measure a baseline and this tree, then gate"),
+    "check-impl": (_check_impl_args, run_check_impl, "run the conformance kit on an impl"),
     "where": (_where_args, run_where, 'print "<profile> <machine>"'),
 }
 

@@ -7,44 +7,19 @@ K experts per token.
 from __future__ import annotations
 
 import functools
-import importlib
-import inspect
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 
+from . import registry
 from .routing import Routing
 from .weights import ExpertWeights
-
-# implementation name -> module; modules are imported on first use, so importing moebench
-# never imports triton or initializes CUDA.
-_MODULES = {
-    "naive": "impls.naive",
-    "padded": "impls.padded",
-    "sorted": "impls.sorted",
-    "triton": "impls.triton",
-}
-_SIGNATURE = ("x_TD", "ids_TK", "weights_TK", "gate_up_E2FD", "down_EDF", "out_TD", "stats")
-
-
-def _module(impl: str):
-    if not isinstance(impl, str) or impl not in _MODULES:
-        raise ValueError(f"unknown impl {impl!r}; known: {', '.join(_MODULES)}")
-    return importlib.import_module(f".{_MODULES[impl]}", __package__)
 
 
 def impl_options(impl: str) -> dict:
     """The keyword options an implementation takes, with their defaults."""
-    _module(impl)  # names a bad impl before the cache hashes it
-    return dict(_options(impl))
-
-
-# Cached: inspecting a signature costs about 20 us, which is host time on every call of the
-# layer, a noticeable share of a decode step.
-@functools.cache
-def _options(impl: str) -> dict:
-    params = inspect.signature(_module(impl).forward).parameters
-    return {n: p.default for n, p in params.items() if n not in _SIGNATURE}
+    return dict(registry.get(impl).keywords)
 
 
 def check_inputs(x_TD, routing, weights, out_TD=None) -> None:
@@ -119,8 +94,10 @@ def moe_forward(
     input checks (and their host sync) for callers that already ran `check_inputs`.
     `options` are the implementation's own (see `impl_options`), e.g. capacity_factor.
     """
-    module = _module(impl)
-    allowed = _options(impl)
+    spec = registry.get(impl)
+    if spec.requires and spec.missing():
+        raise registry.Unavailable(spec.missing())
+    impl, allowed = spec.name, spec.keywords
     if stats is not None and not isinstance(stats, dict):
         raise TypeError(f"stats must be a dict to fill in, got {type(stats).__name__}")
     unknown = sorted(set(options) - set(allowed))
@@ -128,15 +105,16 @@ def moe_forward(
         raise TypeError(f"impl {impl!r} has no option {unknown}; its options: {allowed}")
     if check:
         check_inputs(x_TD, routing, weights, out)
-    if x_TD.dtype not in module.DTYPES:
-        raise ValueError(f"impl {impl!r} does not support {x_TD.dtype}; it takes {module.DTYPES}")
+    refusal = spec.refusal(x_TD.device, x_TD.dtype)
+    if refusal:
+        raise ValueError(refusal)
     if out is None:
         out = torch.empty_like(x_TD)
     if x_TD.shape[0] == 0:
         return out
-    module.forward(
+    spec(
         x_TD,
-        routing.ids.long(),
+        routing.ids,
         routing.weights,
         weights.gate_up,
         weights.down,
@@ -155,4 +133,23 @@ def reference(x_TD: torch.Tensor, routing: Routing, weights: ExpertWeights) -> t
     return moe_forward(x_TD.double(), routing, weights.to(dtype=torch.float64), impl="naive")
 
 
-IMPLS = {name: functools.partial(moe_forward, impl=name) for name in _MODULES}
+class _Impls(Mapping):
+    """Every registered implementation's name -> moe_forward bound to it; a live view of
+    moebench.registry, so names registered later (and entry points) join it."""
+
+    def __getitem__(self, name):
+        if name not in registry.names():
+            raise KeyError(name)
+        return functools.partial(moe_forward, impl=name)
+
+    def __iter__(self):
+        return iter(registry.names())
+
+    def __len__(self):
+        return len(registry.names())
+
+    def __repr__(self):
+        return f"IMPLS({', '.join(self)})"
+
+
+IMPLS = _Impls()

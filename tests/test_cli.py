@@ -74,7 +74,7 @@ def test_kernels_lists_where_a_call_goes(capsys):
         (["--preset", "gpt-5"], "unknown preset 'gpt-5'; valid presets: deepseek-v3"),
         ([*SHAPE, "--skews", "zipf"], "unknown skew 'zipf'"),
         ([*SHAPE, "--skews", "hot:2"], "hot needs a number with 0 <= p <= 1"),
-        ([*SHAPE, "--impls", "sorted,fast"], "unknown impl ['fast']; known: naive, padded"),
+        ([*SHAPE, "--impls", "sorted,fast"], "unknown impl 'fast'; known: naive, padded"),
         ([*SHAPE, "--dtype", "int8"], "unknown dtype 'int8'"),
         ([*SHAPE, "--tokens", "0"], "expected positive integers"),
         (["--d-model", "32"], "give --preset or all of --d-model, --d-ff, --experts, --top-k"),
@@ -134,7 +134,7 @@ def test_where_prints_the_profile_and_machine(capsys, monkeypatch):
     ("argv", "message"),
     [
         (["sweep", "--profile", "gate"], "argument --profile: invalid choice: 'gate'"),
-        (["sweep", "--impls", "fast"], "argument --impls: unknown impl ['fast']"),
+        (["sweep", "--impls", "fast"], "argument --impls: unknown impl 'fast'"),
         (["sweep", "--families", ""], "argument --families: an empty list"),
         (["regress", "--rounds", "0"], "argument --rounds: must be >= 1, got 0"),
         (["gate", "b.json"], "the following arguments are required: candidate"),

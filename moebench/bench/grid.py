@@ -22,13 +22,15 @@ import os
 import torch
 
 from ..config import PRESETS, MoEConfig, torch_dtype
+from ..registry import OWN
 
 FAMILIES = ("scale-out", "iso-params", "models", "sonicmoe")
 # A family name with this suffix times forward + backward (a training step's layer work)
 # on the same points: useful FLOPs are three times the forward's.
 TRAIN = "+bwd"
 SKEWS = ("balanced", "random", "zipf:1.2", "hot:0.5", "collapse")
-IMPLS = ("naive", "padded", "sorted", "triton")
+# moebench's own layers: what the gate and the regression runs measure by default.
+IMPLS = OWN
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,8 @@ record of it, the report, and an answer on the console.
 3. the report: summary.md, summary.csv and plots/ beside the run, and asv's web report
    (results/html) with the scripts it loads kept beside it, so it opens offline;
 4. the console summary (report.console_summary), the triton layer's targets where the run
-   measured the triton layer, and where the files are.
+   measured the triton layer (against the peers: the summary's range, not each point), and
+   where the files are.
 
 The console shows a progress bar with the time left for steps 1 and 2; the sweep's
 per-point lines and asv's output go to the log beside the run file (run-<time>.log).
@@ -103,7 +104,8 @@ def main_job(
     env, frame = load_run(run)
     print(report.console_summary(env, frame), file=stream)
     if (frame[frame["impl"] == "triton"]["status"] == "ok").any():
-        print(targets.markdown(env, frame), file=stream)
+        # Per point against the peers is too long for a screen: the summary has its range.
+        print(targets.markdown(env, frame, per_point=False), file=stream)
     print("Files:", file=stream)
     print(f"  run       {run}", file=stream)
     print(f"  summary   {run.parent / 'summary.md'} (and summary.csv)", file=stream)

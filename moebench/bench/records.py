@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..registry import Unavailable
 from . import grid
 from .roofline import useful_flops
 
@@ -30,9 +31,12 @@ def first_line(e: BaseException) -> str:
 
 def failure(e: Exception) -> str:
     """A skipped point's reason: out of memory (the GPU's, or a CPU allocation that failed),
-    unsupported (the layer refused the point), or failed (anything else)."""
+    unavailable (a peer's package or kernel missing here), unsupported (the layer refused
+    the point), or failed (anything else)."""
     if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e):
         return f"out of memory: {first_line(e)}"
+    if isinstance(e, Unavailable):
+        return f"unavailable: {first_line(e)}"
     if isinstance(e, (ValueError, NotImplementedError)):
         return f"unsupported: {first_line(e)}"
     return f"failed: {type(e).__name__}: {first_line(e)}"

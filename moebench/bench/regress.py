@@ -46,10 +46,10 @@ class _Worker:
         self._send(dataclasses.asdict(profile))
         self.env = self._reply()
 
-    def measure(self, point: grid.Point, skews, check: bool) -> list[dict]:
+    def measure(self, point: grid.Point, impls, skews, check: bool) -> list[dict]:
         cfg = dataclasses.asdict(point.cfg)
         self._send({"family": point.family, "label": point.label, "cfg": cfg, "T": point.T,
-                    "impls": list(grid.IMPLS), "skews": list(skews), "check": check})  # fmt: skip
+                    "impls": list(impls), "skews": list(skews), "check": check})  # fmt: skip
         return self._reply()
 
     def _send(self, message) -> None:
@@ -128,7 +128,7 @@ def _checkout(rev: str, root: Path, into: Path) -> Path:
     return into
 
 
-def measure_sides(sides: dict[str, _Worker], points, skews, rounds: int, out: Path) -> None:
+def measure_sides(sides: dict[str, _Worker], points, impls, skews, rounds: int, out: Path) -> None:
     """Each side's rounds of the points as run files out/<side>/round-<r>.json.
 
     The sides take turns point by point, the first alternating, so that both measure each
@@ -140,7 +140,7 @@ def measure_sides(sides: dict[str, _Worker], points, skews, rounds: int, out: Pa
         for i, pt in enumerate(points):
             order = list(sides) if (r + i) % 2 == 0 else list(sides)[::-1]
             for name in order:
-                records[name] += sides[name].measure(pt, skews, check=r == 0)
+                records[name] += sides[name].measure(pt, impls, skews, check=r == 0)
         for name, worker_ in sides.items():
             write_run(out / name / f"round-{r}.json", worker_.env, records[name])
         print(f"regress: round {r + 1}/{rounds} measured", flush=True)
@@ -148,7 +148,8 @@ def measure_sides(sides: dict[str, _Worker], points, skews, rounds: int, out: Pa
 
 def regress(args) -> int:
     """Measure the baseline (args.baseline: a revision, or a run file or folder to read)
-    and the working tree, then gate; the exit code (moebench.bench.gate)."""
+    and the working tree, then gate; the exit code (moebench.bench.gate). args.impls:
+    default moebench's own layers (a peer's code does not change between our commits)."""
     root = Path(_git("rev-parse", "--show-toplevel"))
     profile = args.profile or ("gpu" if _cuda_available() else "gate")
     # The CPU gate takes the best of 3 rounds a side; the GPU is steady enough for one.
@@ -178,7 +179,8 @@ def regress(args) -> int:
                         "run of this machine and profile instead: --baseline RUN.json"
                     ) from e
             sides["candidate"] = _Worker(root, p, out / "candidate.log")
-            measure_sides(sides, points, skews, rounds, out)
+            impls = args.impls or grid.IMPLS
+            measure_sides(sides, points, impls, skews, rounds, out)
         except Incomparable as e:
             print(f"gate: INCOMPARABLE: {e}", file=sys.stderr)
             return EXIT_INCOMPARABLE

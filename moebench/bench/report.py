@@ -5,9 +5,16 @@
 With no argument it reports the newest run in each results/<profile>-<machine>/ folder.
 Beside each run (one per folder) it writes summary.csv (every record, the units in the
 column names; what the layer reported of its call, e.g. the triton layer's tuned configs,
-as JSON), summary.md (the machine, then per family: balanced-routing throughput,
-load-imbalance overhead per skew, padded's dropped fraction, what was skipped and why) and
-plots/: throughput-<family>.png, peak-memory.png, imbalance-<family>.png.
+as JSON; the fastest peer at the record's point and its time / the record's), summary.md
+(the machine, then per family: balanced-routing throughput and error, moebench against the
+best peer, load-imbalance overhead per skew, padded's dropped fraction, what was skipped and
+why) and plots/: throughput-<family>.png, peak-memory.png, imbalance-<family>.png, and
+peers-<family>.png where peers ran.
+
+Peers (what a user would otherwise run: transformers' backends, Liger, vLLM) are compared
+with moebench in their own section and plot; the other plots show moebench's layers and
+plug-ins (outside impls, dotted). "Against the best peer" compares the triton layer where
+the run timed it, else moebench's fastest layer at each point (targets.versus_peers).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import textwrap
+import zlib
 from pathlib import Path
 
 import matplotlib
@@ -23,11 +31,15 @@ matplotlib.use("Agg")  # files only; never open a window
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from .. import registry
 from . import grid, targets
 from .records import tuned_kernels
 from .runs import load_run, write_atomic
 
 COLORS = {"naive": "tab:gray", "padded": "tab:orange", "sorted": "tab:blue", "triton": "tab:red"}
+PEER_COLORS = ("tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "black")
+# Plug-ins: colours apart from the tab: ones of moebench's layers and the peers.
+OUTSIDE_COLORS = ("goldenrod", "navy", "limegreen", "teal", "maroon", "deeppink", "darkkhaki")
 SUMMARY_COLUMNS = {
     "family": "family",
     "label": "point",
@@ -56,6 +68,8 @@ SUMMARY_COLUMNS = {
     "imbalance_overhead": "imbalance_overhead",
     "dropped_fraction": "dropped_fraction",
     "rel_err": "rel_err",
+    "best_peer": "best_peer",
+    "vs_best_peer": "vs_best_peer",
     "reason": "reason",
     "layer_stats": "layer_stats_json",
 }
@@ -63,6 +77,7 @@ SUMMARY_COLUMNS = {
 
 def summary(frame: pd.DataFrame) -> pd.DataFrame:
     """The records with the report's column names; peak memory in MiB."""
+    frame = _with_best_peer(frame)
     frame = frame.assign(
         peak_mib=pd.to_numeric(frame["peak_bytes"]) / 2**20,
         layer_stats=frame["layer_stats"].map(
@@ -70,6 +85,43 @@ def summary(frame: pd.DataFrame) -> pd.DataFrame:
         ),
     )
     return frame[list(SUMMARY_COLUMNS)].rename(columns=SUMMARY_COLUMNS)
+
+
+def _with_best_peer(frame: pd.DataFrame) -> pd.DataFrame:
+    """The records with best_peer (the fastest peer at the record's point) and vs_best_peer
+    (its time / the record's: over 1, the record is faster)."""
+    best = targets.best_peers(frame)[[*targets.POINT, "peer", "peer_ms"]]
+    both = frame.merge(best.rename(columns={"peer": "best_peer"}), on=targets.POINT, how="left")
+    ratio = both["peer_ms"] / pd.to_numeric(both["time_ms"])
+    return both.drop(columns="peer_ms").assign(vs_best_peer=ratio)
+
+
+_RANKS = {name: i for i, name in enumerate((*registry.OWN, *registry.PEER_NAMES))}
+
+
+def impl_rank(impl: str) -> tuple[int, str]:
+    """The sort key of impls: moebench's layers, then the peers (both in the registry's
+    order), then plug-ins by name."""
+    return _RANKS.get(impl, len(_RANKS)), impl
+
+
+def impl_order(impls) -> list[str]:
+    return sorted(set(impls), key=impl_rank)
+
+
+def style(impl: str) -> dict:
+    """An impl's line in the plots. moebench's layers: solid, filled markers; peers: dashed,
+    plug-ins: dotted, both with hollow markers, so they read as others beside moebench's.
+    A plug-in's colour follows from its name (crc32: Python's hash changes between runs)."""
+    kind = registry.kind(impl)
+    if kind == "own":
+        return {"color": COLORS[impl], "marker": "o", "ms": 3}
+    hollow = {"ms": 4, "mfc": "none"}
+    if kind == "peer":
+        color = PEER_COLORS[registry.PEER_NAMES.index(impl) % len(PEER_COLORS)]
+        return {"color": color, "ls": "--", "marker": "s", **hollow}
+    color = OUTSIDE_COLORS[zlib.crc32(impl.encode()) % len(OUTSIDE_COLORS)]
+    return {"color": color, "ls": ":", "marker": "^", **hollow}
 
 
 def _fmt(value) -> str:
@@ -167,6 +219,7 @@ def markdown(env: dict, frame: pd.DataFrame) -> str:
         "time: the call is bound by its launches, or waits for the GPU) and replay ms = the "
         "same call as a CUDA graph replay (the kernels alone; fast triton points only)."
     )
+    versus = targets.versus_peers(frame)
     for family in dict.fromkeys(frame["family"]):
         part = frame[frame["family"] == family]
         ok = part[part["status"] == "ok"]
@@ -184,9 +237,8 @@ def markdown(env: dict, frame: pd.DataFrame) -> str:
                     columns[timing] = name
             table = balanced.assign(peak_mib=balanced["peak_bytes"] / 2**20)[list(columns)]
             order = _ordered(frame, family, profile)
-            table = table.sort_values(
-                ["label", "impl"], key=lambda s: s.map(order.index) if s.name == "label" else s
-            )
+            rank = {"label": order.index, "impl": impl_rank}
+            table = table.sort_values(["label", "impl"], key=lambda s: s.map(rank[s.name]))
             table.columns = list(columns.values())
             out += ["### Balanced routing", "", markdown_table(table), ""]
             configs = _triton_configs(balanced)
@@ -195,6 +247,10 @@ def markdown(env: dict, frame: pd.DataFrame) -> str:
                 out += ["Tuned triton kernels (balanced routing): tile heights (rows), then "
                         "each kernel's BLOCK_N x BLOCK_K, warps, stages:", ""]  # fmt: skip
                 out += [markdown_table(configs), ""]
+        against = versus[versus["family"] == family]
+        if len(against):
+            note, table = _versus_table(against)
+            out += ["### Against the best peer", "", note, "", markdown_table(table), ""]
         unbalanced = ok[ok["skew"] != "balanced"]
         if unbalanced["imbalance_overhead"].notna().any():
             table = _pivot(ok, family, profile, "imbalance_overhead", ["label", "impl"], "skew")
@@ -222,6 +278,25 @@ def markdown(env: dict, frame: pd.DataFrame) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def _versus_table(versus: pd.DataFrame) -> tuple[str, pd.DataFrame]:
+    """The note and table of one family's "Against the best peer" (targets.versus_peers)."""
+    columns = {"label": "point", "skew": "skew", "peer": "best peer", "peer_ms": "peer ms",
+               "peer_rel_err": "peer rel err", "ours": "moebench", "ours_ms": "moebench ms",
+               "vs_best_peer": "vs best peer"}  # fmt: skip
+    if set(versus["ours"]) == {"triton"}:
+        del columns["ours"]
+        columns["ours_ms"] = "triton ms"
+        note = ("The triton layer against the fastest peer at each point: vs best peer = the "
+                "peer's time / triton's (over 1: triton is faster).")  # fmt: skip
+    else:
+        note = ("The triton layer was not timed (on a CPU it only runs interpreted): "
+                "moebench's fastest layer at each point against the fastest peer; vs best "
+                "peer = the peer's time / moebench's (over 1: moebench's is faster).")  # fmt: skip
+    table = versus[list(columns)]
+    table.columns = list(columns.values())
+    return note, table
+
+
 def _triton_configs(records: pd.DataFrame) -> pd.DataFrame:
     """point, path, tile heights and the tuned gate_up and down configs of the triton
     records that report them."""
@@ -242,11 +317,16 @@ def _panels(frame: pd.DataFrame, family: str) -> list[tuple[str, pd.DataFrame, s
     return [(name, part[preset == name], "T") for name in dict.fromkeys(preset)]
 
 
+def _impls(frame: pd.DataFrame) -> list[str]:
+    """The impls of the plots other than the peers': moebench's layers and plug-ins."""
+    return [i for i in impl_order(frame["impl"]) if registry.kind(i) != "peer"]
+
+
 def _lines(ax, frame: pd.DataFrame, x: str, value: str, impls) -> None:
     for impl in impls:
         series = frame[frame["impl"] == impl].sort_values(x)
         if series[value].notna().any():
-            ax.plot(series[x], series[value], marker="o", ms=3, label=impl, color=COLORS[impl])
+            ax.plot(series[x], series[value], label=impl, **style(impl))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("E (experts)" if x == "E" else "T (tokens)")
     ax.grid(True, alpha=0.3)
@@ -282,7 +362,7 @@ def plot_throughput(env, frame, family, path) -> None:
     against T for each model."""
     balanced = _ok(frame, "balanced")
     panels = _panels(balanced, family)
-    impls = [i for i in COLORS if i in set(balanced["impl"])]
+    impls = _impls(balanced)
     fig, axes = _figure(2, len(panels))
     for col, (title, part, x) in enumerate(panels):
         top, bottom = axes[0][col], axes[1][col]
@@ -302,7 +382,7 @@ def plot_peak_memory(env, frame, path) -> None:
     ok = _ok(frame, "balanced")
     ok = ok.assign(peak_mib=ok["peak_bytes"] / 2**20)
     panels = [panel for family in dict.fromkeys(ok["family"]) for panel in _panels(ok, family)]
-    impls = [i for i in COLORS if i in set(ok["impl"])]
+    impls = _impls(ok)
     cols = min(3, len(panels))
     fig, axes = _figure(math.ceil(len(panels) / cols), cols)
     for ax, (title, part, x) in zip(axes.flat, panels, strict=False):
@@ -323,7 +403,7 @@ def plot_imbalance(env, frame, family, path) -> None:
     ok = _ok(frame)
     skews = [s for s in grid.SKEWS if s != "balanced" and s in set(ok["skew"])]
     panels = _panels(ok, family)
-    impls = [i for i in COLORS if i in set(ok["impl"])]
+    impls = _impls(ok)
     fig, axes = _figure(len(panels), len(skews))
     for row, (title, part, x) in enumerate(panels):
         for col, skew in enumerate(skews):
@@ -337,6 +417,27 @@ def plot_imbalance(env, frame, family, path) -> None:
     _save(fig, path, f"{family}, load-imbalance overhead (lower is better): {_title(env)}")
 
 
+def plot_peers(env, frame, family, path) -> None:
+    """Balanced routing, every impl: tokens/s (top) and the fastest peer's time / the impl's
+    (bottom; over 1: faster than every peer) against E, or against T for each model."""
+    balanced = _with_best_peer(_ok(frame, "balanced"))
+    panels = _panels(balanced, family)
+    impls = impl_order(balanced["impl"])
+    fig, axes = _figure(2, len(panels))
+    for col, (title, part, x) in enumerate(panels):
+        top, bottom = axes[0][col], axes[1][col]
+        _lines(top, part, x, "tokens_per_s", impls)
+        _lines(bottom, part, x, "vs_best_peer", impls)
+        bottom.axhline(1.0, color="black", lw=0.8)
+        top.set_yscale("log")
+        bottom.set_yscale("log")
+        top.set_title(title, fontsize=9)
+    axes[0][0].set_ylabel("tokens/s (higher is better)")
+    axes[1][0].set_ylabel("best peer's time / time")
+    axes[0][0].legend(fontsize=7, ncol=2)
+    _save(fig, path, f"{family} and peers, balanced: {_title(env)}")
+
+
 def write_report(run_path) -> list[Path]:
     """summary.csv, summary.md and plots/ beside the run file; returns the paths."""
     run_path = Path(run_path)
@@ -346,13 +447,19 @@ def write_report(run_path) -> list[Path]:
     plots.mkdir(exist_ok=True)
     written = [out_dir / "summary.csv", out_dir / "summary.md"]
     write_atomic(written[0], lambda f: summary(frame).to_csv(f, index=False))
-    text = markdown(env, frame) + "\n" + targets.markdown(env, frame)
+    # The per-point comparison with the peers is in markdown's own section already.
+    text = markdown(env, frame) + "\n" + targets.markdown(env, frame, per_point=False)
     write_atomic(written[1], lambda f: f.write(text.encode()))
     ok = frame[frame["status"] == "ok"]
+    peers = set(targets.best_peers(_ok(frame, "balanced"))["family"])
     for family in dict.fromkeys(ok["family"]):
         path = plots / f"throughput-{family}.png"
         plot_throughput(env, frame, family, path)
         written.append(path)
+        if family in peers:
+            path = plots / f"peers-{family}.png"
+            plot_peers(env, frame, family, path)
+            written.append(path)
         if (ok.loc[ok["family"] == family, "skew"] != "balanced").any():
             path = plots / f"imbalance-{family}.png"
             plot_imbalance(env, frame, family, path)
@@ -373,7 +480,8 @@ def latest_runs(results_dir="results") -> list[Path]:
 
 
 def console_summary(env: dict, frame: pd.DataFrame, width: int = 100) -> str:
-    """A screenful: per family, the fastest impl at each point (balanced routing), each
+    """A screenful: per family, the fastest impl at each point (balanced routing; a peer or
+    plug-in named as such), moebench against the best peer (targets.versus_peers), each
     impl's overhead under the worst skew, where padded drops pairs or runs out of memory,
     and each impl's peak memory; then what was skipped."""
     profile = env.get("profile")
@@ -385,6 +493,9 @@ def console_summary(env: dict, frame: pd.DataFrame, width: int = 100) -> str:
     legend = ("fastest: balanced routing (the next fastest's time / its time); worst skew: "
               "time / balanced time, each impl's largest; peak memory: above inputs and "
               "weights, each impl's largest")  # fmt: skip
+    versus = targets.versus_peers(frame)
+    if len(versus):
+        legend += "; vs best peer: the fastest peer's time / moebench's, each point and skew"
     out.append(textwrap.fill(legend, width))
 
     def line(name: str, text: str) -> None:
@@ -398,6 +509,7 @@ def console_summary(env: dict, frame: pd.DataFrame, width: int = 100) -> str:
         models = family.removesuffix(grid.TRAIN) == "models"
         out += ["", f"{family}:"]
         line("fastest", _fastest(part, _ordered(frame, family, profile), models))
+        line("vs best peer", _versus(versus[versus["family"] == family]))
         line("worst skew", _worst_skew(part))
         line("padded", _padded(part, _ordered(frame, family, profile)))
         line("peak memory", _peaks(part))
@@ -437,15 +549,37 @@ def _fastest(part: pd.DataFrame, order: list[str], models: bool) -> str:
 
     def margins(values):
         values = [m for m in values if not math.isnan(m)]
-        if not values:
-            return ""
-        lo, hi = f"{min(values):.2f}", f"{max(values):.2f}"
-        return f" ({lo if lo == hi else f'{lo}-{hi}'}x)"
+        return f" ({_range(values)})" if values else ""
 
     if len({impl for impl, _, _ in runs}) == 1:
         impl, _, _ = runs[0]
-        return f"{impl} at every point" + margins([m for run in runs for m in run[2]])
-    return "; ".join(f"{impl} at {_span(labels)}{margins(m)}" for impl, labels, m in runs)
+        return f"{_named(impl)} at every point" + margins([m for run in runs for m in run[2]])
+    return "; ".join(f"{_named(impl)} at {_span(labels)}{margins(m)}" for impl, labels, m in runs)
+
+
+def _range(values) -> str:
+    """ "1.21-3.10x", or "1.50x" where they agree to two decimals."""
+    lo, hi = f"{min(values):.2f}", f"{max(values):.2f}"
+    return f"{lo if lo == hi else f'{lo}-{hi}'}x"
+
+
+def _named(impl: str) -> str:
+    """An impl's name, marked where it is not moebench's: "hf-grouped_mm (peer)"."""
+    kind = registry.kind(impl)
+    return impl if kind == "own" else f"{impl} ({kind})"
+
+
+def _versus(versus: pd.DataFrame) -> str:
+    """ "triton 0.80-1.60x (faster at 9 of 14 points; hf-grouped_mm the best peer at 12 of 14)":
+    the range of targets.versus_peers' ratios over one family."""
+    if versus.empty:
+        return ""
+    ours = set(versus["ours"])
+    ours = ours.pop() if len(ours) == 1 else "moebench's fastest"
+    ratio, n = versus["vs_best_peer"], len(versus)
+    peers = versus["peer"].value_counts()
+    return (f"{ours} {_range(ratio)} (faster at {(ratio > 1).sum()} of {n} points; "
+            f"{peers.index[0]} the best peer at {peers.iloc[0]} of {n})")  # fmt: skip
 
 
 def _worst_skew(part: pd.DataFrame) -> str:
@@ -457,6 +591,7 @@ def _worst_skew(part: pd.DataFrame) -> str:
     skew = skewed.loc[skewed["imbalance_overhead"].astype(float).idxmax(), "skew"]
     under = skewed[skewed["skew"] == skew]
     worst = under.loc[under.groupby("impl")["imbalance_overhead"].idxmax()]
+    worst = worst.sort_values("impl", key=lambda s: s.map(impl_rank))
     return f"{skew}: " + ", ".join(
         f"{r.impl} {r.imbalance_overhead:.2f}x" for r in worst.itertuples()
     )
@@ -495,15 +630,26 @@ def _peaks(part: pd.DataFrame) -> str:
     if ok.empty:
         return ""
     peak = ok.loc[ok.groupby("impl")["peak_bytes"].idxmax()]
+    peak = peak.sort_values("impl", key=lambda s: s.map(impl_rank))
     return ", ".join(f"{r.impl} {_size(r.peak_bytes)} ({r.label})" for r in peak.itertuples())
 
 
 def _skipped(frame: pd.DataFrame) -> str:
-    """Per impl: how many records were skipped, and the commonest reason."""
-    said = []
+    """Per moebench layer: how many records were skipped, and the commonest reason. Peers
+    and plug-ins, many of which cannot run on a given machine, only by the kind of their
+    commonest reason ("unavailable", "unsupported"), those alike in one group; summary.md
+    says why."""
+    said, others = [], {}
     for impl, rows in frame[frame["status"] != "ok"].groupby("impl", sort=False):
         reasons = rows["reason"].value_counts()
-        other = f" and {len(reasons) - 1} other reasons" if len(reasons) > 1 else ""
         total = (frame["impl"] == impl).sum()
-        said.append(f"{impl} {len(rows)} of {total} ({reasons.index[0]}{other})")
-    return "; ".join(said)
+        if registry.kind(impl) == "own":
+            other = f" and {len(reasons) - 1} other reasons" if len(reasons) > 1 else ""
+            said.append(f"{impl} {len(rows)} of {total} ({reasons.index[0]}{other})")
+        else:
+            kind = reasons.index[0].split(":")[0]
+            others.setdefault((len(rows), total, kind), []).append(impl)
+    for (count, total, kind), impls in others.items():
+        each = " each" if len(impls) > 1 else ""
+        said.append(f"{', '.join(impls)} {count} of {total}{each} ({kind})")
+    return "; ".join(said) + ("; why: summary.md" if others else "")

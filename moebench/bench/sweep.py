@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .. import registry
 from ..config import torch_dtype
 from ..layer import moe_forward
 from ..routing import load_stats, make_routing
@@ -173,7 +174,8 @@ def run_points(
     ceilings: Ceilings | None = None,
     checkpoint=None,
 ) -> list[dict]:
-    """Measure every point x skew x impl; one record each (see RECORD_FIELDS).
+    """Measure every point x skew x impl; one record each (see RECORD_FIELDS). impls: names
+    or module:function (default: every registered impl).
 
     profile: a grid.Profile or its name; it gives the device, dtype and timing budget.
     repeats, warmup: override the profile's (and its time floors, min_time_s and
@@ -185,6 +187,7 @@ def run_points(
     checkpoint(records), when given, is called with the records so far after each point.
     """
     p = grid.get_profile(profile)
+    impls = impls or registry.names()
     with torch_threads(p.threads):
         timer = timer or make_timer(p.device)
         ctx = Context(
@@ -247,8 +250,9 @@ def _sweep(points, impls, skews, forward, progress, checkpoint, ctx: Context) ->
                 if inputs is None:
                     done(skip(record, reason))
                     continue
-                if impl == "triton" and device.type != "cuda":
-                    done(skip(record, "unsupported: triton needs a CUDA device"))
+                why = unsupported(impl, point.family, device, dtype)
+                if why:
+                    done(skip(record, why))
                     continue
                 weights, x_TD = inputs
                 try:
@@ -266,13 +270,24 @@ def _sweep(points, impls, skews, forward, progress, checkpoint, ctx: Context) ->
     return records
 
 
+def unsupported(impl: str, family: str, device: torch.device, dtype) -> str | None:
+    """Why `impl` is not measured at this point (a skip's reason), else None."""
+    spec = registry.get(impl)
+    if spec.missing():
+        return f"unavailable: {spec.missing()}"
+    why = spec.timeable(device) or spec.refusal(device, dtype)
+    if not why and training(family) and not spec.differentiable:
+        why = f"{impl} is not differentiable"
+    return f"unsupported: {why}" if why else None
+
+
 def run_profile(
     profile=None,
     *,
     output=None,
     results_dir="results",
     families=None,
-    impls=grid.IMPLS,
+    impls=None,
     skews=grid.SKEWS,
     check: bool = True,
     flush_l2: bool = False,
@@ -280,7 +295,9 @@ def run_profile(
     progress=None,
 ) -> Path:
     """Measure the profile's families (ceilings first), write the run file, return its path
-    (`output`, else run_path(results_dir, env)). The file is rewritten after every point,
+    (`output`, else run_path(results_dir, env)). impls: default every registered impl
+    (moebench's own, the peers, plug-ins), each skipped with its reason where it cannot run.
+    The file is rewritten after every point,
     marked `"partial": true` in its env until the sweep ends, so a sweep that is stopped
     keeps what it measured."""
     p = grid.get_profile(profile)

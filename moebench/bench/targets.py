@@ -19,18 +19,64 @@ also reruns the worst point and the median miss of each target missed (`reruns` 
 the CLI reruns them with moebench.bench.profiling on the run's profile, so on its device),
 and lists the 8 kernels that take most of the triton layer's call there (torch.profiler)
 and, on a GPU, the 8 functions that take most of its host time (cProfile).
+
+Where the run measured peers (what a user would otherwise run: transformers' backends,
+Liger, vLLM), a table follows: at each point and skew, the triton layer's time against the
+fastest peer's in the same run (versus_peers).
 """
 
 from __future__ import annotations
 
 import pandas as pd
 
+from .. import registry
 from ..config import torch_dtype
 
 SONIC_TFLOPS = 550.0
 ROOFLINE = 0.6
 DECODE_BANDWIDTH = 0.7
 DECODE_MAX_TOKENS = 64
+POINT = ["family", "label", "skew"]
+
+
+def _timed(frame: pd.DataFrame, kind: str) -> pd.DataFrame:
+    """The records of one origin that ran and have a time, times as floats."""
+    ok = frame[(frame["status"] == "ok") & (frame["impl"].map(registry.kind) == kind)]
+    ok = ok.assign(time_ms=pd.to_numeric(ok["time_ms"]))
+    return ok[ok["time_ms"].notna()]
+
+
+def _fastest_at_each_point(records: pd.DataFrame) -> pd.DataFrame:
+    """One record per point (family, label, skew): the fastest; in the run's order."""
+    return records.sort_values("time_ms", kind="stable").drop_duplicates(POINT).sort_index()
+
+
+def best_peers(frame: pd.DataFrame) -> pd.DataFrame:
+    """At each point where a peer ran: the fastest peer (`peer`), its time (`peer_ms`) and
+    its error against the oracle (`peer_rel_err`)."""
+    best = _fastest_at_each_point(_timed(frame, "peer"))
+    names = {"impl": "peer", "time_ms": "peer_ms", "rel_err": "peer_rel_err"}
+    # reindex: a frame not read by load_run may lack rel_err; it is then empty.
+    return best.reindex(columns=[*POINT, *names]).rename(columns=names)
+
+
+def versus_peers(frame: pd.DataFrame) -> pd.DataFrame:
+    """moebench against the best peer at each point where both ran: POINT, peer, peer_ms,
+    peer_rel_err, `ours` (the layer compared), ours_ms and vs_best_peer = peer_ms / ours_ms
+    (over 1: ours is faster).
+
+    `ours` is the triton layer where the run timed it anywhere (a GPU run: is the triton
+    layer faster than what one would otherwise use?), its points only; else moebench's
+    fastest layer at each point (a CPU run, where triton is not timed: how do moebench's
+    layers compare with the peers?)."""
+    own = _timed(frame, "own")
+    if (own["impl"] == "triton").any():
+        own = own[own["impl"] == "triton"]
+    ours = _fastest_at_each_point(own)[[*POINT, "impl", "time_ms"]]
+    both = ours.rename(columns={"impl": "ours", "time_ms": "ours_ms"}).merge(
+        best_peers(frame), on=POINT
+    )
+    return both.assign(vs_best_peer=both["peer_ms"] / both["ours_ms"])
 
 
 def _verdict(target: str, required: str, points: pd.DataFrame, value: pd.Series, met: pd.Series):
@@ -126,7 +172,10 @@ def evaluate(env: dict, frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def markdown(env: dict, frame: pd.DataFrame) -> str:
+def markdown(env: dict, frame: pd.DataFrame, per_point: bool = True) -> str:
+    """The targets table; with per_point, the triton layer against the best peer at each
+    point after it, where the run measured both (the report and the job's console say that
+    their own way)."""
     table = evaluate(env, frame)
     lines = [
         f"Targets of the triton layer (set for an H100 in bf16; this run: profile "
@@ -141,6 +190,21 @@ def markdown(env: dict, frame: pd.DataFrame) -> str:
         lines.append(
             f"| {row.target} | {row.required} | {worst} | {row.at} | {row.points} | {met} |"
         )
+    versus = versus_peers(frame)
+    if per_point and (versus["ours"] == "triton").any():
+        lines += [
+            "",
+            "The triton layer against the fastest peer measured at each point (vs best peer: "
+            "the peer's time / triton's; over 1: triton is faster)",
+            "",
+            "| family | point | skew | triton ms | best peer | peer ms | vs best peer |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {r.family} | {r.label} | {r.skew} | {r.ours_ms:.3g} | {r.peer} | "
+            f"{r.peer_ms:.3g} | {r.vs_best_peer:.2f}x |"
+            for r in versus.itertuples()
+        ]
     return "\n".join(lines) + "\n"
 
 

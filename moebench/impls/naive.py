@@ -9,8 +9,6 @@ is what the other implementations exist to avoid.
 import torch
 import torch.nn.functional as F
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
 
 def forward(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF, out_TD, stats):
     T, K = ids_TK.shape

@@ -15,8 +15,6 @@ import os
 import torch
 import torch.nn.functional as F
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
 
 def slots(ids_TK: torch.Tensor, num_experts: int):
     """Each pair's row within its expert, in token order, and the per-expert loads."""

@@ -10,20 +10,25 @@ has no grouped GEMM for these operands), unpermute and combine.
 import torch
 import torch.nn.functional as F
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _GROUPED_MM = getattr(F, "grouped_mm", None)
 # CUDA's grouped GEMM refused E=1024 groups ("Can't process more than 1024 groups", torch
 # 2.11 on an H100); larger E runs in slices of this many experts.
 _MAX_GROUPS = 512
 
 
-def _has_grouped_mm(x_TD: torch.Tensor, d_ff: int) -> bool:
+def _has_grouped_mm(x_TD: torch.Tensor, d_ff: int, *weights: torch.Tensor) -> bool:
     """Whether this build has a grouped GEMM for these operands: rows must be 16-byte
-    aligned; on CUDA only bf16 is supported everywhere (sm80+ for F.grouped_mm, sm90 for the
-    older torch._grouped_mm); the CPU kernels of F.grouped_mm also take fp16 and fp32."""
+    aligned and each weight row- or column-major in its last two dims (a strided view, as
+    a checkpoint's weights may be, is neither); on CUDA only bf16 is supported everywhere
+    (sm80+ for F.grouped_mm, sm90 for the older torch._grouped_mm); the CPU kernels of
+    F.grouped_mm also take fp16 and fp32."""
     elt = x_TD.element_size()
     if (x_TD.shape[1] * elt) % 16 or (d_ff * elt) % 16:
         return False
+    for w in weights:
+        inner = sorted(w.stride()[-2:])
+        if inner[0] != 1 or (inner[1] * elt) % 16:
+            return False
     if not x_TD.is_cuda:
         return _GROUPED_MM is not None and x_TD.dtype in (
             torch.float16,
@@ -72,7 +77,7 @@ def forward(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF, out_TD, stats):
     ids_S = ids_TK.flatten()
     order_S = torch.argsort(ids_S, stable=True)
     ends_E = torch.bincount(ids_S, minlength=E).cumsum(0)
-    use_grouped = _has_grouped_mm(x_TD, F_)
+    use_grouped = _has_grouped_mm(x_TD, F_, gate_up_E2FD, down_EDF)
 
     xs_SD = x_TD[order_S // K]
     gate, up = _segment_mm(xs_SD, gate_up_E2FD, ends_E, use_grouped).chunk(2, dim=-1)

@@ -56,6 +56,52 @@ def test_console_summary_answers_per_family():
     assert "padded 1 of 9 (out of memory: CUDA out of memory)" in lines["skipped"]
 
 
+def peer_rows(triton=True):
+    """Three points: triton 1 ms; the best peer hf-grouped_mm (1.5, 1.2 ms) at E=8 and 16,
+    hf-eager (0.8 ms) at E=32; a plug-in not installed here; vllm and liger skipped."""
+    rows = []
+    for label, E, eager, grouped in [("E=8", 8, 3.0, 1.5), ("E=16", 16, 3.0, 1.2),
+                                     ("E=32", 32, 0.8, 2.0)]:  # fmt: skip
+        times = {"sorted": 2.0, "triton": 1.0, "hf-eager": eager, "hf-grouped_mm": grouped,
+                 "not-installed-here": 4.0}  # fmt: skip
+        for impl, t in times.items():
+            if impl != "triton" or triton:
+                rows.append((label, E, impl, "balanced", t, {}))
+        for impl in ("vllm", "liger"):
+            reason = "unavailable: vllm needs vllm" if impl == "vllm" else "unsupported: no CUDA"
+            rows.append((label, E, impl, "balanced", None, {"status": "skipped", "reason": reason}))
+    return records(rows)
+
+
+def test_console_summary_with_peers():
+    """triton against the best peer: 1.5/1, 1.2/1 and 0.8/1; a peer can be the fastest."""
+    text = report.console_summary(ENV, peer_rows())
+    lines = {ln[2:15].strip(): ln[15:] for ln in text.splitlines() if ln.startswith("  ")}
+    assert lines["vs best peer"] == (
+        "triton 0.80-1.50x (faster at 2 of 3 points; hf-grouped_mm the best peer at 2 of 3)"
+    )
+    assert lines["fastest"] == "triton at E=8..16 (1.20-1.50x); hf-eager (peer) at E=32 (1.25x)"
+    skipped = "vllm 3 of 3 (unavailable); liger 3 of 3 (unsupported); why: summary.md"
+    assert lines["skipped"] == skipped
+    assert "vs best peer: the fastest peer's time / moebench's" in " ".join(text.split())
+
+
+def test_console_summary_without_triton_compares_moebench_fastest_layer():
+    """A CPU run: sorted (2 ms) is moebench's fastest; an outside plug-in is named so."""
+    frame = peer_rows(triton=False)
+    frame.loc[frame["impl"] == "not-installed-here", "time_ms"] = 0.5
+    text = report.console_summary(ENV, frame)
+    lines = {ln[2:15].strip(): ln[15:] for ln in text.splitlines() if ln.startswith("  ")}
+    assert lines["vs best peer"].startswith("sorted 0.40-0.75x (faster at 0 of 3 points;")
+    assert lines["fastest"] == "not-installed-here (outside) at every point (1.60-3.00x)"
+
+
+def test_console_summary_without_peers_has_no_peer_line():
+    frame = peer_rows()
+    text = report.console_summary(ENV, frame[~frame["impl"].str.startswith("hf-")])
+    assert "best peer" not in text
+
+
 def test_bar_off_a_terminal_prints_each_tenth_once_with_the_time_left():
     stream, now = io.StringIO(), [0.0]
     bar = job.Bar("sweep", stream=stream, clock=lambda: now[0])
@@ -108,7 +154,8 @@ def test_bench_ends_with_a_screenful_naming_the_files(bench):
     assert code == 0, err
     assert len(out.splitlines()) <= 30
     assert "scale-out:" in out and "fastest" in out and "worst skew   collapse:" in out
-    assert "triton 6 of 6 (unsupported: triton needs a CUDA device)" in out
+    words = " ".join(out.split())  # the skipped line wraps
+    assert "triton 6 of 6 (unsupported: triton needs a CUDA device" in words
     (run,) = tmp.glob("tiny-*/run-*.json")
     for path in (run, run.parent / "summary.md", run.parent / "plots", tmp / "html" / "index.html",
                  run.with_suffix(".log")):  # fmt: skip

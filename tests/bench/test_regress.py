@@ -87,7 +87,7 @@ def test_a_baseline_from_before_the_move_measures_the_candidates_grid(tmp_path):
     worker = regress._Worker(code, p, tmp_path / "old.log", PRE_MOVE)
     try:
         assert worker.env["code"] == str(code.resolve()) and worker.env["commit"] == PRE_MOVE
-        records = worker.measure(points[0], skews[:1], check=True)
+        records = worker.measure(points[0], grid.IMPLS, skews[:1], check=True)
     finally:
         worker.close()
     assert {r["impl"] for r in records} == set(grid.IMPLS)

@@ -272,7 +272,7 @@ def test_triton_is_skipped_without_cuda():
         pytest.skip("this machine has CUDA")
     (r,) = run_fake(impls=["triton"], skews=["balanced"])
     assert r["status"] == "skipped"
-    assert r["reason"] == "unsupported: triton needs a CUDA device"
+    assert r["reason"] == "unsupported: triton needs a CUDA device (the CPU only interprets Triton)"
 
 
 def test_weights_are_generated_once_per_point(monkeypatch):

@@ -2,7 +2,7 @@ import pandas as pd
 import pytest
 import torch
 
-from moebench import cli
+from moebench import cli, registry
 from moebench.bench import profiling, runs, targets
 
 ENV = {"profile": "gpu", "gpu": "H100", "ceilings": {"copy_bytes": 3e12}}
@@ -196,3 +196,61 @@ def test_kernels_must_not_be_negative(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["targets", str(tmp_path / "run-1.json"), "--kernels", "-1"])
     assert exit_.value.code == 2 and "must be >= 0, got -1" in capsys.readouterr().err
+
+
+def test_origin_of_an_impl_by_its_name_alone():
+    """A plug-in installed where the run was measured, not here, is outside; nothing is
+    imported to tell."""
+    kinds = {i: registry.kind(i) for i in ("sorted", "triton", "hf-grouped_mm", "vllm")}
+    assert kinds == {"sorted": "own", "triton": "own", "hf-grouped_mm": "peer", "vllm": "peer"}
+    assert registry.kind("not-installed-here") == "outside"
+    assert registry.kind("some_module:forward") == "outside"
+
+
+def peers_frame(triton=True):
+    """Two points: at E=64 hf-grouped_mm (1.5 ms) is the best peer and triton (1 ms) 1.5x
+    faster; at E=128 hf-eager (0.8 ms) beats triton. The plug-in is faster still, but it is
+    no peer."""
+    times = {
+        "E=64": {"triton": 1.0, "sorted": 2.0, "hf-eager": 3.0, "hf-grouped_mm": 1.5,
+                 "not-installed-here": 0.5},
+        "E=128": {"triton": 1.0, "sorted": 1.6, "hf-eager": 0.8, "hf-grouped_mm": 2.0,
+                  "not-installed-here": 0.5},
+    }  # fmt: skip
+    rows = [
+        record("scale-out", label, impl, time_ms=ms, rel_err=1e-3 if impl == "hf-eager" else 0)
+        for label, impls in times.items()
+        for impl, ms in impls.items()
+    ]
+    rows.append(record("scale-out", "E=64", "vllm", status="skipped", time_ms=None))
+    if not triton:  # a CPU run: triton is not timed
+        rows = [r | {"status": "skipped"} if r["impl"] == "triton" else r for r in rows]
+    return pd.DataFrame(rows)
+
+
+def test_triton_against_the_fastest_peer_at_each_point():
+    versus = targets.versus_peers(peers_frame())
+    assert versus["label"].tolist() == ["E=64", "E=128"]
+    assert versus["ours"].tolist() == ["triton", "triton"]
+    assert versus["peer"].tolist() == ["hf-grouped_mm", "hf-eager"]
+    assert versus["vs_best_peer"].tolist() == pytest.approx([1.5, 0.8])  # the peer's / triton's
+    assert versus["peer_rel_err"].tolist() == [0, 1e-3]
+    text = targets.markdown(ENV, peers_frame())
+    assert "| scale-out | E=64 | random | 1 | hf-grouped_mm | 1.5 | 1.50x |" in text
+    assert "| scale-out | E=128 | random | 1 | hf-eager | 0.8 | 0.80x |" in text
+    # The report and the job's console say it their own way.
+    assert "best peer" not in targets.markdown(ENV, peers_frame(), per_point=False)
+
+
+def test_without_triton_moebench_fastest_layer_meets_the_peers():
+    """A CPU run: the comparison is with moebench's fastest layer; the targets say nothing
+    of it, being the triton layer's."""
+    versus = targets.versus_peers(peers_frame(triton=False))
+    assert versus["ours"].tolist() == ["sorted", "sorted"]
+    assert versus["vs_best_peer"].tolist() == pytest.approx([1.5 / 2.0, 0.8 / 1.6])
+    assert "best peer" not in targets.markdown(ENV, peers_frame(triton=False))
+
+
+def test_no_peer_table_without_peers():
+    assert targets.versus_peers(frame()).empty
+    assert "best peer" not in targets.markdown(ENV, frame())

@@ -8,6 +8,7 @@ launch made straight (launch._run, once the kernel is compiled), and a call afte
 first two must make no JITFunction.run at all. Prints one line per case.
 """
 
+import dataclasses
 import sys
 
 import torch
@@ -19,6 +20,7 @@ from triton.runtime import driver
 
 import moebench as mb
 import moebench.impls.triton as triton_layer
+from moebench import registry
 from moebench.impls.triton import launch
 
 LAUNCHES = []  # (grid, stream, function, packed metadata, arguments) of each launch
@@ -117,6 +119,8 @@ def use_stub():
     CPU tensors standing for GPU ones."""
     driver.set_active(Hopper())
     triton_layer.check_runnable = lambda x_TD: None
+    triton = registry.get("triton")  # it takes CPU tensors here: they stand for GPU ones
+    registry._REGISTRY["triton"] = dataclasses.replace(triton, devices=("cuda", "cpu"))
     launch._RESIDENT[torch.device("cpu")] = (132 * launch._BLOCKS_PER_SM, 132)
 
 

@@ -16,9 +16,7 @@ import torch
 from . import configs, ops, schedule
 from .ops import COMBINES
 
-# tl.dot has no float64; fp32 runs exact (no TF32), fp16/bf16 accumulate in fp32.
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-__all__ = ["COMBINES", "DTYPES", "check_runnable", "forward"]
+__all__ = ["COMBINES", "check_runnable", "forward"]
 
 
 def check_runnable(x_TD, *, interpreted=configs.INTERPRET):
