@@ -92,12 +92,10 @@ def _experts_forward(impl: str):
         weights = ExpertWeights(gate_up, down)
         routing = _routing(top_k_index, top_k_weights, module.num_experts,
                            module._is_expert_parallel)  # fmt: skip
-        options = {}
-        if impl == "padded":
-            # The padded layer drops the pairs past an expert's capacity, by design; a model's
-            # layer must drop none. Capacity is ceil(factor * T*K / E): factor E/K makes it T,
-            # and no expert gets more than T pairs (see _routing).
-            options["capacity_factor"] = weights.num_experts / routing.top_k
+        # The padded layer drops the pairs past an expert's capacity, by design; a model's
+        # layer must drop none. Without a factor its capacity is T, and no expert gets more
+        # than T pairs (see _routing).
+        options = {"capacity_factor": None} if impl == "padded" else {}
         # Under autocast the hidden states may be wider than the weights.
         x_TD = hidden_states.to(weights.dtype)
         return moe_forward(x_TD, routing, weights, impl=impl, **options).to(hidden_states.dtype)
