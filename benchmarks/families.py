@@ -162,3 +162,27 @@ if PROFILE.graph_impls:
         _name = _CLASS_NAMES[_family] + "Replay"
         _params_replay = _params(_family, impls=PROFILE.graph_impls)
         globals()[_name] = type(_name, (_Replay,), {"family": _family, "params": _params_replay})
+
+# The expert-parallel layer over W ranks (point "W=4/E=64"): the step (the slowest rank),
+# the communication share of the straggler's time, and its compute over the mean rank's.
+if PROFILE.ep_worlds:
+
+    class ExpertParallel(_Sweep):
+        family = grid.EP
+        params = _params(grid.EP, impls=PROFILE.ep_impls)
+        metrics = ("time_ms", "comm_share", "straggler")
+
+        def track_step_ms(self, records, point, impl, skew):
+            return self.record["time_ms"]
+
+        track_step_ms.unit = "ms"
+
+        def track_comm_share(self, records, point, impl, skew):
+            return self.record["comm_share"]
+
+        track_comm_share.unit = "fraction of the step"
+
+        def track_straggler(self, records, point, impl, skew):
+            return self.record["straggler"]
+
+        track_straggler.unit = "slowest rank's experts / mean rank's"

@@ -5,6 +5,8 @@
     moebench sweep [--profile gpu|cpu|tiny] [--families ...]   # a profile's run file
     moebench report [RUN.json ...] [--html]                    # tables, plots, web report
     moebench targets RUN.json [--kernels N]                    # the triton layer's targets
+    moebench ep [--world-size 2,4] [--experts 8,64]            # expert parallel (or torchrun)
+    moebench project RUN.json [--worlds 8,...,1024]            # its all-to-alls, projected
     moebench gate BASELINE CANDIDATE                           # gate two runs
     moebench regress [--baseline REV|RUN.json]                 # measure both sides, gate
     moebench check-impl MODULE:FUNCTION                        # the conformance kit
@@ -31,7 +33,7 @@ from .bench import grid, profiling, sweep
 from .bench.environment import environment, machine_name
 from .bench.gate import EXIT_INCOMPARABLE, EXIT_PASS, EXIT_REGRESSION, Incomparable, gate
 from .bench.records import tuned_kernels
-from .bench.runs import BadRun, load_run, write_run
+from .bench.runs import BadRun, load_run, write_atomic, write_run
 from .bench.timing import make_timer
 from .config import PRESETS, MoEConfig, preset, torch_dtype
 from .routing import make_routing
@@ -147,7 +149,7 @@ def positive_ints(text: str) -> list[int]:
 
 
 def _family_names() -> tuple[str, ...]:
-    return grid.FAMILIES + tuple(f + grid.TRAIN for f in grid.FAMILIES)
+    return (*grid.FAMILIES, *(f + grid.TRAIN for f in grid.FAMILIES), grid.EP)
 
 
 # --- compare: one shape, a table ----------------------------------------------------------
@@ -342,6 +344,9 @@ def _sweep_options(args, p) -> dict:
 
 
 def run_sweep(args, p) -> int:
+    from .parallel import init_from_env
+
+    init_from_env(grid.get_profile(args.profile).device)  # torchrun: a share of the grid each
     path = sweep.run_profile(
         args.profile,
         output=args.output,
@@ -363,6 +368,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 def run_bench(args, p) -> int:
     from .bench.job import main_job  # matplotlib and asv: for this command only
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        p.error("bench runs in one process; under torchrun, run `moebench sweep` (then report)")
     if not args.no_asv and not Path(args.asv_config).is_file():
         p.error(
             f"--asv-config {args.asv_config}: no such file (run from the checkout, or --no-asv)"
@@ -375,6 +382,65 @@ def run_bench(args, p) -> int:
         asv_dir=args.asv_dir,
         sweep_options=_sweep_options(args, p),
     )
+
+
+# --- ep: the expert-parallel family ----------------------------------------------------------
+
+
+def _ep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", choices=grid.SWEEP_PROFILES, default=None)
+    p.add_argument(
+        "--world-size", type=positive_ints, help="ranks to spawn (the profile's; torchrun's)"
+    )
+    p.add_argument("--experts", type=positive_ints, help="E values (the profile's)")
+    p.add_argument("--impls", type=impl_list, default=None, help="local experts' (the profile's)")
+    p.add_argument("--skews", type=choices(grid.SKEWS, "skew"), default=list(grid.SKEWS))
+    p.add_argument("--output", help="run file (default results/<profile>-<machine>/...)")
+    p.add_argument("--results-dir", default="results")
+    p.add_argument("--no-check", action="store_true", help="skip the float64 check")
+
+
+def run_ep(args, p) -> int:
+    """The ep family alone: spawns each world size's ranks, or runs as torchrun's ranks."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from .bench import ep
+    from .parallel import init_from_env
+
+    profile = grid.get_profile(args.profile)
+    worlds = tuple(args.world_size or profile.ep_worlds)
+    if init_from_env(profile.device):
+        launched = dist.get_world_size()
+        if args.world_size and worlds != (launched,):
+            p.error(f"--world-size {args.world_size}: torchrun started {launched} ranks")
+        worlds = (launched,)
+    for world in worlds:
+        reason = ep.launch_reason(profile, world)
+        if reason and not dist.is_initialized():
+            p.error(f"--world-size {world}: {reason.removeprefix('unsupported: ')}")
+    experts = tuple(args.experts or profile.ep_experts)
+    too_few = [(w, e) for w in worlds for e in experts if e < w]
+    if too_few:
+        p.error(f"E={too_few[0][1]} experts over {too_few[0][0]} ranks: at least one each")
+    profile = dataclasses.replace(profile, ep_worlds=worlds, ep_experts=experts)
+    first = not dist.is_initialized() or dist.get_rank() == 0
+    path = sweep.run_profile(
+        profile,
+        output=args.output,
+        results_dir=args.results_dir,
+        families=[grid.EP],
+        impls=args.impls,
+        skews=args.skews,
+        check=not args.no_check,
+        progress=sweep.Progress() if first else None,
+    )
+    if first:
+        _, frame = load_run(path)
+        print(ep.markdown(frame.to_dict("records")))
+        print(path)
+    return EXIT_OK
 
 
 # --- gate and regress -------------------------------------------------------------------------
@@ -534,6 +600,45 @@ def run_targets(args, p) -> int:
     return EXIT_OK
 
 
+# --- project: expert parallelism past this machine ----------------------------------------
+
+
+def _project_args(p: argparse.ArgumentParser) -> None:
+    from .bench import projection
+
+    p.add_argument("run", help="a run file with the models family (and/or the ep family)")
+    p.add_argument("--worlds", type=positive_ints, default=list(projection.WORLDS))
+    p.add_argument("--gpus-per-node", type=positive_int, default=8)
+    p.add_argument("--intra", choices=list(projection.LINKS), default=projection.DEFAULT_LINKS[0])
+    p.add_argument("--inter", choices=list(projection.LINKS), default=projection.DEFAULT_LINKS[1])
+    p.add_argument("--skew", choices=grid.SKEWS, default="zipf:1.2", help="beside balanced")
+    p.add_argument("--tokens", type=positive_ints, help="decode,prefill T per GPU (the profile's)")
+    p.add_argument("--impl", help="the one-GPU impl that stands for a rank (the fastest)")
+    p.add_argument("--csv", help="also write every projected row here")
+    p.add_argument("--links", action="store_true", help="print the link table and its sources")
+
+
+def run_project(args, p) -> int:
+    from .bench import projection
+
+    if args.links:
+        print(projection.links_markdown())
+        return EXIT_OK
+    if args.tokens is not None and len(args.tokens) != 2:
+        p.error(f"--tokens {args.tokens}: give two, decode and prefill T per GPU")
+    env, frame = load_run(args.run)
+    options = {"worlds": args.worlds, "gpus_per_node": args.gpus_per_node,
+               "links": (args.intra, args.inter), "impl": args.impl}  # fmt: skip
+    try:
+        print(projection.summary(env, frame, skew=args.skew, tokens=args.tokens, **options))
+        if args.csv:
+            rows = projection.project(frame, env["ceilings"], **options)
+            write_atomic(Path(args.csv), lambda f: rows.to_csv(f, index=False))
+    except ValueError as e:
+        p.error(str(e))
+    return EXIT_OK
+
+
 # --- check-impl: the conformance kit ------------------------------------------------------
 
 
@@ -588,6 +693,8 @@ COMMANDS = {
     "sweep": (_sweep_args, run_sweep, "run a benchmark profile; write its run file"),
     "report": (_report_args, run_report, "tables and plots beside run files"),
     "targets": (_targets_args, run_targets, "the triton layer's targets in one run"),
+    "ep": (_ep_args, run_ep, "the expert-parallel layer over W ranks (gloo or NCCL)"),
+    "project": (_project_args, run_project, "expert parallelism's all-to-alls at 8-1024 GPUs"),
     "gate": (_gate_args, run_gate, "gate a candidate run against a baseline run"),
     "regress": (_regress_args, run_regress, "measure a baseline and this tree, then gate"),
     "check-impl": (_check_impl_args, run_check_impl, "run the conformance kit on an impl"),

@@ -176,7 +176,7 @@ def test_every_command_says_bad_input_in_one_line_with_exit_2(argv, message, cap
 
 def test_no_command_prints_the_commands_and_exits_2(capsys):
     assert cli.main([]) == 2
-    assert "{bench,compare,sweep,report,targets,gate,regress" in capsys.readouterr().err
+    assert "{bench,compare,sweep,report,targets,ep,project,gate,regress" in capsys.readouterr().err
 
 
 def test_report_without_run_files_is_bad_input(tmp_path, capsys):

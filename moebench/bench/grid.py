@@ -25,6 +25,9 @@ from ..config import PRESETS, MoEConfig, torch_dtype
 from ..registry import OWN
 
 FAMILIES = ("scale-out", "iso-params", "models", "sonicmoe")
+# The expert-parallel family: W ranks (processes, one per GPU on a GPU machine), each with
+# its T tokens and its block of the E experts (moebench.parallel, measured by bench/ep.py).
+EP = "ep"
 # A family name with this suffix times forward + backward (a training step's layer work)
 # on the same points: useful FLOPs are three times the forward's.
 TRAIN = "+bwd"
@@ -68,6 +71,14 @@ class Profile:
     # first H100 run (scale-out E = 8, where every skew routes each token to all 8 experts).
     warmup_s: float = 0.0
     min_time_s: float = 0.0
+    # The ep family: world sizes x expert counts at one layer shape, T tokens per rank.
+    ep_worlds: tuple[int, ...] = ()
+    ep_experts: tuple[int, ...] = ()
+    ep_shape: tuple[int, int, int, int] = (0, 0, 0, 0)  # D, F, K, T per rank
+    ep_impls: tuple[str, ...] = ("sorted",)  # the local experts' impls (unless --impls)
+    # Group-limited points: each token's experts on at most M ranks (make_routing's
+    # n_group=W, topk_group=M), where W divides E and M ranks hold K experts.
+    ep_group_limits: tuple[int, ...] = ()
 
     def experts(self) -> list[int]:
         return [2**i for i in range(3, self.max_experts.bit_length())]
@@ -98,6 +109,11 @@ PROFILES = {
             graph_below_ms=5.0,
             warmup_s=0.05,
             min_time_s=0.1,
+            ep_worlds=(2, 4, 8),  # NCCL within one node: the world sizes its GPUs allow
+            ep_experts=(64, 256),
+            ep_shape=(4096, 1024, 8, 4096),
+            ep_impls=("sorted", "triton"),
+            ep_group_limits=(2,),
         ),
         Profile(
             name="cpu",
@@ -118,6 +134,11 @@ PROFILES = {
             timeout_s=1800,
             threads=1,
             train_families=("models" + TRAIN,),
+            # gloo ranks on this machine's cores; W=1 is the layer's own cost without peers
+            ep_worlds=(1, 2, 4),
+            ep_experts=(8, 64),
+            ep_shape=(256, 128, 8, 256),
+            ep_group_limits=(1,),
         ),
         Profile(
             name="tiny",
@@ -138,6 +159,10 @@ PROFILES = {
             timeout_s=600,
             threads=1,
             train_families=("models" + TRAIN,),
+            ep_worlds=(1, 2),
+            ep_experts=(8,),
+            ep_shape=(32, 16, 4, 32),
+            ep_group_limits=(1,),
         ),
     )
 }
@@ -197,7 +222,9 @@ class Point:
     family: str
     label: str  # "E=64" or "qwen3-235b-a22b/T=4096"
     cfg: MoEConfig
-    T: int
+    T: int  # all ranks' tokens in the ep family
+    world: int = 1  # ranks (the ep family)
+    group_limit: int | None = None  # at most this many ranks per token (the ep family)
 
 
 def shrink(cfg: MoEConfig, factor: int, dtype: str) -> MoEConfig:
@@ -214,8 +241,10 @@ def shrink(cfg: MoEConfig, factor: int, dtype: str) -> MoEConfig:
 
 
 def families(profile: str | Profile | None = None) -> tuple[str, ...]:
-    """The forward families, then the profile's forward + backward ones."""
-    return FAMILIES + get_profile(profile).train_families
+    """The forward families, the profile's forward + backward ones, then ep where the
+    profile has one."""
+    p = get_profile(profile)
+    return FAMILIES + p.train_families + ((EP,) if p.ep_worlds else ())
 
 
 def points(family: str, profile: str | Profile | None = None) -> list[Point]:
@@ -253,6 +282,19 @@ def points(family: str, profile: str | Profile | None = None) -> list[Point]:
             for name, cfg in PRESETS.items()
             for T in p.model_tokens
         ]
+    if family == EP:
+        D, F, K, T = p.ep_shape
+        out = []
+        for W in p.ep_worlds:
+            for E in p.ep_experts:
+                cfg = MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=min(K, E), dtype=p.dtype)
+                out.append(Point(family, f"W={W}/E={E}", cfg, W * T, world=W))
+                out += [
+                    Point(family, f"W={W}/E={E}/M={M}", cfg, W * T, world=W, group_limit=M)
+                    for M in p.ep_group_limits
+                    if M < W and E % W == 0 and cfg.top_k <= M * E // W
+                ]
+        return out
     if family == "sonicmoe":
         # The shapes of SonicMoE's published H100 figures (D=4096, T=32768 on the GPU), the
         # triton layer's throughput target; scaled like the presets on other profiles.
@@ -263,7 +305,7 @@ def points(family: str, profile: str | Profile | None = None) -> list[Point]:
             Point(family, f"E={c.num_experts}/F={c.d_ff}/K={c.top_k}", c, 8 * p.tokens)
             for c in cfgs
         ]
-    raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    raise ValueError(f"unknown family {family!r}; known: {', '.join((*FAMILIES, EP))}")
 
 
 def all_points(profile: str | Profile | None = None) -> list[Point]:
@@ -275,6 +317,6 @@ def gate_grid(profile: str | Profile):
     GATE_SKEWS; any other profile means every point and skew of that profile."""
     p = get_profile(profile)
     if p.name != "gate":
-        return p, all_points(p), SKEWS
+        return p, [pt for pt in all_points(p) if pt.family != EP], SKEWS
     pts = [pt for fam, labels in GATE_POINTS.items() for pt in points(fam, p) if pt.label in labels]
     return p, pts, GATE_SKEWS

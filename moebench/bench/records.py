@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import registry
 from ..registry import Unavailable
 from . import grid
 from .roofline import useful_flops
@@ -21,6 +22,9 @@ RECORD_FIELDS = (
     "flops", "min_bytes", "tokens_per_s", "tflops", "roofline_fraction",
     "max_over_mean", "touched_experts", "imbalance_overhead", "dropped_fraction", "rel_err",
     "layer_stats",
+    # the ep family (bench/ep.py)
+    "world", "dispatch_ms", "local_ms", "combine_ms", "comm_share", "straggler",
+    "sent_bytes", "recv_bytes", "a2a_GBps", "ranks", "group_limit",
 )  # fmt: skip
 
 
@@ -137,3 +141,14 @@ def add_imbalance(records: list[dict]) -> None:
         base = balanced.get((r["family"], r["label"], r["impl"]))
         if r["status"] == "ok" and base:
             r["imbalance_overhead"] = r["time_ms"] / base
+
+
+def unsupported(impl: str, family: str, device: torch.device, dtype) -> str | None:
+    """Why `impl` is not measured at this point (a skip's reason), else None."""
+    spec = registry.get(impl)
+    if spec.missing():
+        return f"unavailable: {spec.missing()}"
+    why = spec.timeable(device) or spec.refusal(device, dtype)
+    if not why and training(family) and not spec.differentiable:
+        why = f"{impl} is not differentiable"
+    return f"unsupported: {why}" if why else None

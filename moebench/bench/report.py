@@ -8,8 +8,9 @@ column names; what the layer reported of its call, e.g. the triton layer's tuned
 as JSON; the fastest peer at the record's point and its time / the record's), summary.md
 (the machine, then per family: balanced-routing throughput and error, moebench against the
 best peer, load-imbalance overhead per skew, padded's dropped fraction, what was skipped and
-why) and plots/: throughput-<family>.png, peak-memory.png, imbalance-<family>.png, and
-peers-<family>.png where peers ran.
+why; the ep family's table; expert parallelism projected from the models family and the
+model against the ep family) and plots/: throughput-<family>.png, peak-memory.png,
+imbalance-<family>.png, peers-<family>.png where peers ran, and ep-comm-share.png.
 
 Peers (what a user would otherwise run: transformers' backends, Liger, vLLM) are compared
 with moebench in their own section and plot; the other plots show moebench's layers and
@@ -32,7 +33,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from .. import registry
-from . import grid, targets
+from . import ep, grid, projection, targets
 from .records import tuned_kernels
 from .runs import load_run, write_atomic
 
@@ -223,6 +224,9 @@ def markdown(env: dict, frame: pd.DataFrame) -> str:
     for family in dict.fromkeys(frame["family"]):
         part = frame[frame["family"] == family]
         ok = part[part["status"] == "ok"]
+        if family == grid.EP:
+            out += ["", f"## {family}", "", *_ep_section(env, part), ""]
+            continue
         out += ["", f"## {family}", ""]
         out += [_shapes(part), ""]
         balanced = ok[ok["skew"] == "balanced"]
@@ -275,7 +279,26 @@ def markdown(env: dict, frame: pd.DataFrame) -> str:
             table = reasons.reset_index()[["impl", "label", "reason"]]
             table.columns = ["impl", "points", "reason"]
             out += ["### Skipped", "", markdown_table(table), ""]
+    if (frame["family"].isin(("models", grid.EP)) & (frame["status"] == "ok")).any():
+        out += ["", projection.summary(env, frame)]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _ep_section(env: dict, part: pd.DataFrame) -> list[str]:
+    first = part.iloc[0]
+    ranks = "NCCL, one GPU per rank" if env.get("device") == "cuda" else "gloo processes"
+    return [
+        f"The layer expert-parallel over W ranks ({ranks}): D={first['D']}, F={first['F']}, "
+        f"K={first['K']}, T={first['T'] // first['world']} tokens per rank, experts in "
+        "contiguous blocks. step = per call the slowest rank's time, median ms; dispatch, "
+        "local (experts) and combine: the straggler's, the rank whose experts take longest "
+        "(it waits least, so its all-to-alls are the transfers); comm share = (dispatch + "
+        "combine) / the straggler's time; straggler = its experts' time / the mean rank's; "
+        "MB sent over all ranks; GB/s = the mean rank's bytes sent / the straggler's "
+        "dispatch + combine.",
+        "",
+        ep.markdown(part.to_dict("records")),
+    ]
 
 
 def _versus_table(versus: pd.DataFrame) -> tuple[str, pd.DataFrame]:
@@ -438,6 +461,44 @@ def plot_peers(env, frame, family, path) -> None:
     _save(fig, path, f"{family} and peers, balanced: {_title(env)}")
 
 
+def plot_ep(env, frame, path) -> None:
+    """The ep family: the communication share (top) and the straggler ratio (bottom)
+    against the world size, one colour per skew (a line per local impl, dotted where the
+    routing is group-limited to M ranks), one column per E."""
+    ok = _ok(frame)
+    ok = ok[ok["family"] == grid.EP]
+    experts = sorted(set(ok["E"]))
+    fig, axes = _figure(2, len(experts))
+    skews = [s for s in grid.SKEWS if s in set(ok["skew"])]
+    for col, E in enumerate(experts):
+        part = ok[ok["E"] == E]
+        impls = impl_order(part["impl"])
+        limits = part["group_limit"].fillna(0).astype(int)
+        for skew, impl, limit in [
+            (s, i, m) for s in skews for i in impls for m in sorted(set(limits))
+        ]:
+            keep = (part["skew"] == skew) & (part["impl"] == impl) & (limits == limit)
+            series = part[keep].sort_values("world")
+            label = skew if len(impls) == 1 else f"{skew}, {impl}"
+            label += f", M={limit}" if limit else ""
+            color = f"C{skews.index(skew)}"
+            dashes = ("-", "--", ":", "-.")[(impls.index(impl) + 2 * bool(limit)) % 4]
+            for row, value in enumerate(("comm_share", "straggler")):
+                ax = axes[row][col]
+                ax.plot(series["world"], series[value], marker="o", ls=dashes, color=color,
+                        label=label)  # fmt: skip
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(sorted(set(ok["world"])), [str(w) for w in sorted(set(ok["world"]))])
+                ax.set_xlabel("W (ranks)")
+                ax.grid(True, alpha=0.3)
+        axes[0][col].set_title(f"E={E}", fontsize=9)
+        axes[0][col].set_ylim(0, 1)
+    axes[0][0].set_ylabel("communication share of the step")
+    axes[1][0].set_ylabel("straggler: slowest rank's experts / mean")
+    axes[0][0].legend(fontsize=7)
+    _save(fig, path, f"expert parallel\n{_title(env)}")
+
+
 def write_report(run_path) -> list[Path]:
     """summary.csv, summary.md and plots/ beside the run file; returns the paths."""
     run_path = Path(run_path)
@@ -453,6 +514,11 @@ def write_report(run_path) -> list[Path]:
     ok = frame[frame["status"] == "ok"]
     peers = set(targets.best_peers(_ok(frame, "balanced"))["family"])
     for family in dict.fromkeys(ok["family"]):
+        if family == grid.EP:
+            path = plots / "ep-comm-share.png"
+            plot_ep(env, frame, path)
+            written.append(path)
+            continue
         path = plots / f"throughput-{family}.png"
         plot_throughput(env, frame, family, path)
         written.append(path)
@@ -464,8 +530,8 @@ def write_report(run_path) -> list[Path]:
             path = plots / f"imbalance-{family}.png"
             plot_imbalance(env, frame, family, path)
             written.append(path)
-    if len(ok):
-        plot_peak_memory(env, frame, plots / "peak-memory.png")
+    if (ok["family"] != grid.EP).any():
+        plot_peak_memory(env, frame[frame["family"] != grid.EP], plots / "peak-memory.png")
         written.append(plots / "peak-memory.png")
     return written
 
@@ -508,6 +574,10 @@ def console_summary(env: dict, frame: pd.DataFrame, width: int = 100) -> str:
         part = frame[frame["family"] == family]
         models = family.removesuffix(grid.TRAIN) == "models"
         out += ["", f"{family}:"]
+        if family == grid.EP:
+            line("comm share", _ep_range(part, "comm_share", "{:.0%}"))
+            line("straggler", _ep_range(part, "straggler", "{:.2f}"))
+            continue
         line("fastest", _fastest(part, _ordered(frame, family, profile), models))
         line("vs best peer", _versus(versus[versus["family"] == family]))
         line("worst skew", _worst_skew(part))
@@ -580,6 +650,18 @@ def _versus(versus: pd.DataFrame) -> str:
     peers = versus["peer"].value_counts()
     return (f"{ours} {_range(ratio)} (faster at {(ratio > 1).sum()} of {n} points; "
             f"{peers.index[0]} the best peer at {peers.iloc[0]} of {n})")  # fmt: skip
+
+
+def _ep_range(part: pd.DataFrame, value: str, fmt: str) -> str:
+    """Per world size, the range of `value` over E, skews and impls, and where it peaks:
+    "W=2 35-60% (most at E=64 hot:0.5)"."""
+    ok = _ok(part)
+    out = []
+    for world, group in ok.groupby("world"):
+        top = group.loc[group[value].idxmax()]
+        span = f"{fmt.format(group[value].min())}-{fmt.format(group[value].max())}"
+        out.append(f"W={world} {span} (most at E={top['E']} {top['skew']})")
+    return "; ".join(out)
 
 
 def _worst_skew(part: pd.DataFrame) -> str:

@@ -19,12 +19,13 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from .. import registry
 from ..config import torch_dtype
 from ..layer import moe_forward
 from ..routing import load_stats, make_routing
-from . import grid
+from . import ep, grid
 from .environment import environment
 from .inputs import SEED, point_inputs, release
 from .memory import peak_memory
@@ -38,6 +39,7 @@ from .records import (
     layer_stats,
     skip,
     training,
+    unsupported,
 )
 from .roofline import Ceilings, measure_ceilings, min_bytes, roofline_fraction
 from .runs import run_path, write_run
@@ -188,6 +190,8 @@ def run_points(
     """
     p = grid.get_profile(profile)
     impls = impls or registry.names()
+    if any(pt.family == grid.EP for pt in points):
+        raise ValueError("ep points run in several processes: measure them with bench.ep.run_ep")
     with torch_threads(p.threads):
         timer = timer or make_timer(p.device)
         ctx = Context(
@@ -270,17 +274,6 @@ def _sweep(points, impls, skews, forward, progress, checkpoint, ctx: Context) ->
     return records
 
 
-def unsupported(impl: str, family: str, device: torch.device, dtype) -> str | None:
-    """Why `impl` is not measured at this point (a skip's reason), else None."""
-    spec = registry.get(impl)
-    if spec.missing():
-        return f"unavailable: {spec.missing()}"
-    why = spec.timeable(device) or spec.refusal(device, dtype)
-    if not why and training(family) and not spec.differentiable:
-        why = f"{impl} is not differentiable"
-    return f"unsupported: {why}" if why else None
-
-
 def run_profile(
     profile=None,
     *,
@@ -299,7 +292,10 @@ def run_profile(
     (moebench's own, the peers, plug-ins), each skipped with its reason where it cannot run.
     The file is rewritten after every point,
     marked `"partial": true` in its env until the sweep ends, so a sweep that is stopped
-    keeps what it measured."""
+    keeps what it measured. The ep family runs last, in ranks of its own (bench/ep.py).
+    Under torchrun (torch.distributed initialized), each rank measures a share of the
+    single-device points on its GPU, the ep family runs over those ranks, and rank 0 writes
+    the run file."""
     p = grid.get_profile(profile)
     timer = make_timer(p.device, flush_l2=flush_l2, cuda_graph=cuda_graph)
     graph_timer = None
@@ -307,6 +303,16 @@ def run_profile(
         graph_timer = make_timer(p.device, flush_l2=flush_l2, cuda_graph=True)
     started = time.perf_counter()
     points = [pt for family in families or grid.families(p) for pt in grid.points(family, p)]
+    ep_points = [pt for pt in points if pt.family == grid.EP]
+    # Under torchrun each rank (a GPU) measures every world-th point; rank 0 writes.
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    points = [pt for pt in points if pt.family != grid.EP]
+    mine = points[rank::world]
+    ep_impls = impls or p.ep_impls
+    total = len(skews) * (
+        len(mine) * len(impls or registry.names()) + len(ep_points) * len(ep_impls)
+    )
+    counted = _Counter(progress if rank == 0 else None, total)
     with torch_threads(p.threads):
         ceilings = ceilings_for(p, timer)
         env = environment(p.name, device=p.device, timer=timer, ceilings=ceilings)
@@ -318,19 +324,48 @@ def run_profile(
             write_run(path, {**env, "partial": True, "duration_s": duration}, records)
 
         records = run_points(
-            points,
+            mine,
             impls,
             skews,
             profile=p,
             check=check,
-            progress=progress,
+            progress=counted,
             timer=timer,
             graph_timer=graph_timer,
             ceilings=ceilings,
-            checkpoint=checkpoint,
+            checkpoint=checkpoint if rank == 0 else None,
         )
+    if world > 1:
+        records = _gather(records, points)
+    if ep_points:
+        counted.offset = len(mine) * len(impls or registry.names()) * len(skews)
+        ep_records, env["ep_calibration"] = ep.run_ep(
+            ep_points, ep_impls, skews, profile=p, check=check, progress=counted
+        )
+        records += ep_records
     env["duration_s"] = round(time.perf_counter() - started, 1)
-    return write_run(path, env, records)
+    return write_run(path, env, records) if rank == 0 else Path(path)
+
+
+def _gather(records: list[dict], points: list[grid.Point]) -> list[dict]:
+    """Every rank's records, in the order of `points` (as one process would have them)."""
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, records)
+    order = {(pt.family, pt.label): i for i, pt in enumerate(points)}
+    merged = [r for rank_records in everyone for r in rank_records]
+    return sorted(merged, key=lambda r: order[(r["family"], r["label"])])
+
+
+class _Counter:
+    """Progress over both parts of a run (one process's points, then the ep family's),
+    passed on as done of the run's total."""
+
+    def __init__(self, progress, total: int):
+        self.progress, self.total, self.offset = progress, total, 0
+
+    def __call__(self, done: int, _total: int, record: dict) -> None:
+        if self.progress is not None:
+            self.progress(self.offset + done, self.total, record)
 
 
 class Progress:

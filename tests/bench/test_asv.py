@@ -23,6 +23,7 @@ SUITES = {
         ("SonicMoEImbalance", IMBALANCE),
         *((f"{family}Dropped", DROPPED) for family in ("ScaleOut", "IsoParams", "Models")),
         ("ModelsTrain", TIME),  # the tiny profile times models forward + backward
+        ("ExpertParallel", ("step_ms", "comm_share", "straggler")),
     ]
     for metric in metrics
 }
@@ -50,6 +51,8 @@ def test_asv_discovers_every_suite_with_the_profile_grid(tmp_path):
     assert params == [labels, list(registry.names()), list(grid.SKEWS)]
     assert "balanced" not in found["families.ModelsImbalance.track_imbalance_overhead"][1][2]
     assert found["families.IsoParamsDropped.track_dropped_fraction"][1][1] == ["padded"]
+    ep_labels = [pt.label for pt in grid.points(grid.EP, "tiny")]
+    assert found["families.ExpertParallel.track_comm_share"][1][:2] == [ep_labels, ["sorted"]]
 
 
 def test_gpu_profile_adds_the_replay_suites(tmp_path):

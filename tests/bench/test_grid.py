@@ -1,5 +1,7 @@
 """The grid: every profile and family, the gate's grid and the CLI's device profile."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -76,9 +78,27 @@ def test_the_gate_profile_is_a_few_cpu_points_timed_longer():
     assert all(pt.cfg == by_key[pt.family, pt.label].cfg for pt in points)
 
 
-def test_any_other_gate_profile_is_its_whole_grid():
+def test_any_other_gate_profile_is_its_whole_grid_but_the_ep_family():
     p, points, skews = grid.gate_grid("tiny")
-    assert p.name == "tiny" and points == grid.all_points("tiny") and skews == grid.SKEWS
+    single = [pt for pt in grid.all_points("tiny") if pt.family != grid.EP]
+    assert p.name == "tiny" and points == single and skews == grid.SKEWS
+    assert len(single) < len(grid.all_points("tiny"))
+
+
+def test_the_ep_family_is_worlds_by_experts_with_t_tokens_per_rank():
+    cpu = grid.get_profile("cpu")
+    D, F, K, T = cpu.ep_shape
+    points = grid.points(grid.EP, cpu)
+    free = [pt for pt in points if pt.group_limit is None]
+    assert [(pt.label, pt.world, pt.T) for pt in free] == [
+        (f"W={W}/E={E}", W, W * T) for W in cpu.ep_worlds for E in cpu.ep_experts
+    ]
+    assert all((pt.cfg.d_model, pt.cfg.d_ff, pt.cfg.top_k) == (D, F, K) for pt in points)
+    # Limited where W divides E and M ranks hold K experts: not at W=1, nor E=8 over 2 ranks
+    # (4 experts a rank < K=8), nor E=8 over 4.
+    assert [pt.label for pt in points if pt.group_limit] == ["W=2/E=64/M=1", "W=4/E=64/M=1"]
+    assert grid.EP in grid.families(cpu)
+    assert grid.EP not in grid.families(dataclasses.replace(cpu, ep_worlds=()))
 
 
 def test_device_profile_takes_the_budget_of_its_device():
