@@ -16,7 +16,6 @@ this module imports torch but never initializes CUDA.
 
 import pathlib
 
-from moebench import registry
 from moebench.bench import asv, grid
 from moebench.bench.environment import HARNESS_VERSION
 
@@ -25,9 +24,9 @@ RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results"
 
 
 def _params(family, impls=None, skews=grid.SKEWS):
-    # Every registered impl: moebench's own, its peers and installed plug-ins; those the run
-    # could not measure show as skipped.
-    impls = impls or registry.names()
+    # Every impl the profile's sweep measures: moebench's own, its peers and installed
+    # plug-ins; those the run could not measure show as skipped.
+    impls = impls or grid.default_impls(PROFILE)
     return [[pt.label for pt in grid.points(family, PROFILE)], list(impls), list(skews)]
 
 

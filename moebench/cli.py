@@ -323,7 +323,9 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", help="run file (default results/<profile>-<machine>/...)")
     p.add_argument("--results-dir", default="results")
     p.add_argument("--families", type=choices(_family_names(), "family"), default=None)
-    p.add_argument("--impls", type=impl_list, default=None, help="(all registered)")
+    p.add_argument(
+        "--impls", type=impl_list, default=None, help="(all registered but the profile's leave_out)"
+    )
     p.add_argument("--skews", type=choices(grid.SKEWS, "skew"), default=list(grid.SKEWS))
     p.add_argument("--no-check", action="store_true", help="skip the float64 check")
     p.add_argument("--flush-l2", action="store_true", help="cold L2 before each call")

@@ -4,6 +4,8 @@ Each launch runs many cases in its ranks, since starting processes is the slow p
 case's inputs are seeded, so every rank builds the whole layer and checks its share.
 """
 
+import math
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -114,6 +116,10 @@ def _fail_on_rank_1(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF, error=Runt
     if dist.get_rank() == 1:
         raise error("planted")
     return torch.zeros_like(x_TD)
+
+
+def _nan_on_rank_1(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF):
+    return torch.full_like(x_TD, math.nan if dist.get_rank() == 1 else 0.0)
 
 
 def _oom_on_rank_1(*args):

@@ -9,8 +9,8 @@ together. The parent turns the ranks' samples into one record per point x skew x
 - time_ms: per call the slowest rank's total (the step), its median over the calls;
 - dispatch_ms, local_ms, combine_ms: the medians of the straggler, the rank whose local
   experts take longest: it waits least for the others, so its dispatch and combine are
-  the transfers on the step's critical path, and comm_share = (dispatch + combine) / its
-  total;
+  the transfers on the step's critical path, and comm_share = (dispatch + combine) / the
+  sum of its three medians;
 - straggler: the straggler's local_ms / the mean over the ranks;
 - sent_bytes, recv_bytes: over all ranks, both all-to-alls (parallel.traffic);
   a2a_GBps: the mean rank's bytes sent / the straggler's dispatch + combine time;
@@ -38,7 +38,7 @@ from . import grid
 from .inputs import SEED, point_inputs, release
 from .oracle import WrongOutput, rel_err
 from .records import add_imbalance, base_record, failure, skip, unsupported
-from .timing import torch_threads
+from .timing import summarize, torch_threads
 
 PHASES = ("dispatch_ms", "local_ms", "combine_ms")
 TRAFFIC = ("dispatch_sent", "dispatch_recv", "combine_sent", "combine_recv")
@@ -122,21 +122,22 @@ def _fill(record: dict, per_rank: list[dict]) -> None:
     straggler = ranks[slow]
     comm_ms = straggler["dispatch_ms"] + straggler["combine_ms"]
     sent = [r["dispatch_sent"] + r["combine_sent"] for r in ranks]
-    time_ms = statistics.median(steps)
+    step = summarize(steps)
+    time_ms = step.median_ms
     errors = [r["rel_err"] for r in per_rank if r["rel_err"] is not None]
     mean_local = statistics.mean(r["local_ms"] for r in ranks)
     record.update(
         status="ok",
         time_ms=time_ms,
-        p20_ms=_quantile(steps, 0.2),
-        p80_ms=_quantile(steps, 0.8),
-        cv=statistics.pstdev(steps) / statistics.mean(steps),
-        repeats=len(steps),
+        p20_ms=step.p20_ms,
+        p80_ms=step.p80_ms,
+        cv=step.cv,
+        repeats=step.repeats,
         tokens_per_s=record["T"] / (time_ms * 1e-3),
         tflops=record["flops"] / (time_ms * 1e-3) / 1e12,
         rel_err=max(errors) if errors else None,
         **{phase: straggler[phase] for phase in PHASES},
-        comm_share=comm_ms / straggler["total_ms"],
+        comm_share=comm_ms / (comm_ms + straggler["local_ms"]),
         straggler=straggler["local_ms"] / mean_local if mean_local > 0 else None,
         sent_bytes=sum(sent),
         recv_bytes=sum(r["dispatch_recv"] + r["combine_recv"] for r in ranks),
@@ -145,15 +146,11 @@ def _fill(record: dict, per_rank: list[dict]) -> None:
     )
 
 
-def _quantile(values, q):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def _rank_sweep(points, impls, skews, p: grid.Profile, check: bool) -> dict:
     """In each rank: every point x skew x impl of its world, in the parent's order."""
-    rank = dist.get_rank()
-    device = torch.device(f"cuda:{rank}" if p.device == "cuda" else "cpu")
+    # The GPU the launcher gave this rank (torchrun's LOCAL_RANK, not the global rank).
+    cuda = p.device == "cuda"
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     dtype = torch_dtype(p.dtype)
     results = []
     with torch_threads(p.threads):
@@ -183,6 +180,7 @@ def ep_routing(pt: grid.Point, skew: str, device="cpu") -> Routing:
 
 
 def _first(reason: str | None) -> str | None:
+    """The first rank's reason to skip, on every rank (None where no rank has one)."""
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, reason)
     return next((r for r in everyone if r), None)
@@ -206,13 +204,22 @@ def _measure(pt, impl, inputs, routing, p: grid.Profile) -> dict:
         )
         return y, stats
 
-    try:
+    try:  # checked: raises on every rank alike
         y_TD, stats = call(check_inputs=True)
-        error = None
+    except Exception as e:
+        return {"skip": failure(e)}
+    error, problem = None, None
+    try:
         if y_TD.numel():
             if not torch.isfinite(y_TD).all():
                 raise WrongOutput("the output holds NaN or inf")
             error = rel_err(y_TD, x_TD, mine, weights, {}, p.check_bytes)
+    except Exception as e:  # one rank's wrong output or failed check: all ranks skip
+        problem = failure(e)
+    problem = _first(problem)
+    if problem:
+        return {"skip": problem}
+    try:
         for _ in range(p.warmup):
             call()
         samples = []
@@ -220,7 +227,7 @@ def _measure(pt, impl, inputs, routing, p: grid.Profile) -> dict:
             dist.barrier()
             _, s = call()
             samples.append([s[phase] for phase in PHASES])
-    except Exception as e:  # recorded as the point's skip; the other ranks fail or time out
+    except Exception as e:  # the same calls as the checked one: the peers wait, then time out
         return {"skip": failure(e)}
     load = load_stats(routing, pt.cfg.num_experts)
     return {

@@ -21,6 +21,7 @@ import os
 
 import torch
 
+from .. import registry
 from ..config import PRESETS, MoEConfig, torch_dtype
 from ..registry import OWN
 
@@ -71,6 +72,8 @@ class Profile:
     # first H100 run (scale-out E = 8, where every skew routes each token to all 8 experts).
     warmup_s: float = 0.0
     min_time_s: float = 0.0
+    # Registered impls a sweep of this profile leaves out unless named (--impls).
+    leave_out: tuple[str, ...] = ()
     # The ep family: world sizes x expert counts at one layer shape, T tokens per rank.
     ep_worlds: tuple[int, ...] = ()
     ep_experts: tuple[int, ...] = ()
@@ -134,6 +137,9 @@ PROFILES = {
             timeout_s=1800,
             threads=1,
             train_families=("models" + TRAIN,),
+            # transformers' batched_mm gathers each pair's expert weights (S x 3*D*F values
+            # a call): 0.2-1.4 s a call here, 50-100x sorted, two thirds of the sweep.
+            leave_out=("hf-batched_mm",),
             # gloo ranks on this machine's cores; W=1 is the layer's own cost without peers
             ep_worlds=(1, 2, 4),
             ep_experts=(8, 64),
@@ -176,6 +182,13 @@ GATE_POINTS = {"scale-out": ("E=8", "E=64", "E=512"), "models": ("deepseek-v3/T=
 GATE_SKEWS = ("balanced", "zipf:1.2")
 # The profiles a sweep runs whole (the gate's runs its GATE_POINTS only).
 SWEEP_PROFILES = ("gpu", "cpu", "tiny")
+
+
+def default_impls(profile: str | Profile | None = None) -> list[str]:
+    """What a sweep of the profile measures unless told: every registered impl (moebench's
+    own, the peers, plug-ins) but the profile's leave_out."""
+    p = get_profile(profile)
+    return [name for name in registry.names() if name not in p.leave_out]
 
 
 def device_profile(device: str, dtype: str | None = None, threads: int | None = None) -> Profile:

@@ -293,7 +293,8 @@ def _ep_section(env: dict, part: pd.DataFrame) -> list[str]:
         "contiguous blocks. step = per call the slowest rank's time, median ms; dispatch, "
         "local (experts) and combine: the straggler's, the rank whose experts take longest "
         "(it waits least, so its all-to-alls are the transfers); comm share = (dispatch + "
-        "combine) / the straggler's time; straggler = its experts' time / the mean rank's; "
+        "combine) / the sum of the straggler's three; straggler = its experts' time / the "
+        "mean rank's; "
         "MB sent over all ranks; GB/s = the mean rank's bytes sent / the straggler's "
         "dispatch + combine.",
         "",

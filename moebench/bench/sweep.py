@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .. import registry
 from ..config import torch_dtype
 from ..layer import moe_forward
 from ..routing import load_stats, make_routing
@@ -189,7 +188,7 @@ def run_points(
     checkpoint(records), when given, is called with the records so far after each point.
     """
     p = grid.get_profile(profile)
-    impls = impls or registry.names()
+    impls = impls or grid.default_impls(p)
     if any(pt.family == grid.EP for pt in points):
         raise ValueError("ep points run in several processes: measure them with bench.ep.run_ep")
     with torch_threads(p.threads):
@@ -309,9 +308,8 @@ def run_profile(
     points = [pt for pt in points if pt.family != grid.EP]
     mine = points[rank::world]
     ep_impls = impls or p.ep_impls
-    total = len(skews) * (
-        len(mine) * len(impls or registry.names()) + len(ep_points) * len(ep_impls)
-    )
+    impls = impls or grid.default_impls(p)
+    total = len(skews) * (len(mine) * len(impls) + len(ep_points) * len(ep_impls))
     counted = _Counter(progress if rank == 0 else None, total)
     with torch_threads(p.threads):
         ceilings = ceilings_for(p, timer)
@@ -338,7 +336,7 @@ def run_profile(
     if world > 1:
         records = _gather(records, points)
     if ep_points:
-        counted.offset = len(mine) * len(impls or registry.names()) * len(skews)
+        counted.offset = len(mine) * len(impls) * len(skews)
         ep_records, env["ep_calibration"] = ep.run_ep(
             ep_points, ep_impls, skews, profile=p, check=check, progress=counted
         )

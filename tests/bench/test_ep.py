@@ -114,11 +114,12 @@ def test_a_world_without_its_gpus_is_skipped_with_the_reason():
 
 def test_a_failing_impl_skips_its_points_and_the_rest_are_measured():
     profile = dataclasses.replace(TINY, ep_worlds=(2,), ep_group_limits=())
-    impls = ["test_parallel:_fail_on_rank_1", "sorted"]
+    impls = ["test_parallel:_fail_on_rank_1", "test_parallel:_nan_on_rank_1", "sorted"]
     records, _ = ep.run_ep(grid.points(grid.EP, profile), impls, ["random"], profile=profile)
-    failed, ok = records
+    failed, nan, ok = records
     assert failed["status"] == "skipped"
     assert "rank 1: RuntimeError: planted" in failed["reason"]
+    assert nan["reason"] == "failed: WrongOutput: the output holds NaN or inf"
     assert ok["status"] == "ok"
 
 

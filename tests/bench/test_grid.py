@@ -111,3 +111,9 @@ def test_device_profile_takes_the_budget_of_its_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available here"):
             grid.device_profile("cuda")
+
+
+def test_a_profile_leaves_out_what_it_names():
+    assert "hf-batched_mm" not in grid.default_impls("cpu")
+    assert grid.default_impls("tiny") == list(mb.registry.names())
+    assert set(grid.default_impls("cpu")) == set(mb.registry.names()) - {"hf-batched_mm"}
