@@ -138,8 +138,9 @@ PROFILES = {
             threads=1,
             train_families=("models" + TRAIN,),
             # transformers' batched_mm gathers each pair's expert weights (S x 3*D*F values
-            # a call): 0.2-1.4 s a call here, 50-100x sorted, two thirds of the sweep.
-            leave_out=("hf-batched_mm",),
+            # a call): 0.2-1.4 s a call here, 50-100x sorted, two thirds of the sweep; and
+            # its eager loop's backward took 22-27 s a call at deepseek-v3 T=256 (100x naive).
+            leave_out=("hf-batched_mm", "hf-eager"),
             # gloo ranks on this machine's cores; W=1 is the layer's own cost without peers
             ep_worlds=(1, 2, 4),
             ep_experts=(8, 64),
