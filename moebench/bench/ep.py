@@ -275,7 +275,8 @@ def markdown(records: list[dict]) -> str:
         if r["family"] != grid.EP:
             continue
         limit = "-" if _missing(r.get("group_limit")) else int(r["group_limit"])
-        head = f"| {r['world']} | {r['E']} | {limit} | {r['skew']} | {r['impl']} "
+        # int(): a frame of several families holds world as a float column
+        head = f"| {int(r['world'])} | {r['E']} | {limit} | {r['skew']} | {r['impl']} "
         if r["status"] != "ok":
             lines.append(head + f"| {r['reason']} |" + " |" * 7)
             continue

@@ -289,7 +289,7 @@ def _ep_section(env: dict, part: pd.DataFrame) -> list[str]:
     ranks = "NCCL, one GPU per rank" if env.get("device") == "cuda" else "gloo processes"
     return [
         f"The layer expert-parallel over W ranks ({ranks}): D={first['D']}, F={first['F']}, "
-        f"K={first['K']}, T={first['T'] // first['world']} tokens per rank, experts in "
+        f"K={first['K']}, T={int(first['T'] // first['world'])} tokens per rank, experts in "
         "contiguous blocks. step = per call the slowest rank's time, median ms; dispatch, "
         "local (experts) and combine: the straggler's, the rank whose experts take longest "
         "(it waits least, so its all-to-alls are the transfers); comm share = (dispatch + "
@@ -661,7 +661,7 @@ def _ep_range(part: pd.DataFrame, value: str, fmt: str) -> str:
     for world, group in ok.groupby("world"):
         top = group.loc[group[value].idxmax()]
         span = f"{fmt.format(group[value].min())}-{fmt.format(group[value].max())}"
-        out.append(f"W={world} {span} (most at E={top['E']} {top['skew']})")
+        out.append(f"W={int(world)} {span} (most at E={top['E']} {top['skew']})")
     return "; ".join(out)
 
 

@@ -86,6 +86,9 @@ def test_the_table_shows_each_record(run):
     assert table.count("\n") == len(run["records"]) + 1
     assert "| 2 | 8 | - | hot:0.5 | sorted |" in table
     assert "| 2 | 8 | 1 | hot:0.5 | sorted |" in table
+    # A run of several families holds world as floats: the table still shows W=2.
+    floats = ep.markdown([dict(r, world=float(r["world"])) for r in run["records"]])
+    assert floats == table
 
 
 def test_the_report_has_the_ep_section_plot_and_console_lines(run_file):
