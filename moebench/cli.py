@@ -20,6 +20,7 @@ input or runs that cannot be compared (one line on stderr, no traceback).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import math
 import os
@@ -404,8 +405,6 @@ def _ep_args(p: argparse.ArgumentParser) -> None:
 
 def run_ep(args, p) -> int:
     """The ep family alone: spawns each world size's ranks, or runs as torchrun's ranks."""
-    import dataclasses
-
     import torch.distributed as dist
 
     from .bench import ep

@@ -31,7 +31,7 @@ import torch
 from .. import parallel
 from ..config import MoEConfig, torch_dtype
 from ..routing import make_routing
-from . import grid
+from . import ep, grid
 from .inputs import SEED
 from .roofline import Ceilings
 
@@ -449,12 +449,12 @@ def validate(env: dict, frame) -> pd.DataFrame:
     env["ep_calibration"] beside the straggler's measured medians, one ratio each. All ranks
     of an ep run share one machine: one link class."""
     frame = _as_frame(frame)
-    ep = frame[(frame["family"] == "ep") & (frame["status"] == "ok")]
-    if ep.empty:
+    ep_records = frame[(frame["family"] == grid.EP) & (frame["status"] == "ok")]
+    if ep_records.empty:
         raise ValueError("the run has no ok records of the ep family: nothing to validate")
     calibration = env.get("ep_calibration") or {}
     rows = []
-    for _, r in ep.iterrows():
+    for _, r in ep_records.iterrows():
         W = int(r["world"])
         if str(W) not in calibration:
             raise ValueError(
@@ -467,8 +467,9 @@ def validate(env: dict, frame) -> pd.DataFrame:
         )
         itemsize = torch_dtype(r["dtype"]).itemsize
         limit = r.get("group_limit")
-        limit = {} if limit is None or limit != limit else {"n_group": W, "topk_group": int(limit)}
-        ids = make_routing(int(r["T"]), cfg, r["skew"], seed=SEED, **limit).ids
+        limit = None if limit is None or limit != limit else int(limit)  # NaN in a frame
+        point = grid.Point(grid.EP, r["label"], cfg, int(r["T"]), world=W, group_limit=limit)
+        ids = ep.ep_routing(point, r["skew"]).ids
         rows_WW = parallel.row_counts(ids, cfg.num_experts, W)
         pairs_WW = parallel.row_counts(ids, cfg.num_experts, W, dedup=False)
         model = parallel_bytes(rows_WW, cfg.d_model, itemsize, cfg.top_k)

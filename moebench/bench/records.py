@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 
 from .. import registry
-from ..registry import Unavailable
 from . import grid
 from .roofline import useful_flops
 
@@ -39,7 +38,7 @@ def failure(e: Exception) -> str:
     the point), or failed (anything else)."""
     if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e):
         return f"out of memory: {first_line(e)}"
-    if isinstance(e, Unavailable):
+    if isinstance(e, registry.Unavailable):
         return f"unavailable: {first_line(e)}"
     if isinstance(e, (ValueError, NotImplementedError)):
         return f"unsupported: {first_line(e)}"
