@@ -37,7 +37,7 @@ from ..routing import Routing, load_stats, make_routing
 from . import grid
 from .inputs import SEED, point_inputs, release
 from .oracle import WrongOutput, rel_err
-from .records import add_imbalance, base_record, failure, skip, unsupported
+from .records import add_imbalance, base_record, failure, samples, skip, unsupported
 from .timing import summarize, torch_threads
 
 PHASES = ("dispatch_ms", "local_ms", "combine_ms")
@@ -133,6 +133,7 @@ def _fill(record: dict, per_rank: list[dict]) -> None:
         p80_ms=step.p80_ms,
         cv=step.cv,
         repeats=step.repeats,
+        samples_ms=samples(step),
         tokens_per_s=record["T"] / (time_ms * 1e-3),
         tflops=record["flops"] / (time_ms * 1e-3) / 1e12,
         rel_err=max(errors) if errors else None,

@@ -178,7 +178,7 @@ PROFILES = {
 # The CPU gate: a few points of the cpu profile long enough (10-100 ms a call) that a
 # scheduler hiccup is a small part of a repeat, each timed for longer than a sweep does.
 # The cpu profile's one torch thread keeps a busy neighbour from stalling OpenMP barriers.
-PROFILES["gate"] = dataclasses.replace(PROFILES["cpu"], name="gate", repeats=25, max_time_s=1.0)
+PROFILES["gate"] = dataclasses.replace(PROFILES["cpu"], name="gate", repeats=15, max_time_s=1.0)
 GATE_POINTS = {"scale-out": ("E=8", "E=64", "E=512"), "models": ("deepseek-v3/T=256",)}
 GATE_SKEWS = ("balanced", "zipf:1.2")
 # The profiles a sweep runs whole (the gate's runs its GATE_POINTS only).

@@ -16,8 +16,8 @@ from .roofline import useful_flops
 RECORD_FIELDS = (
     "family", "label", "impl", "skew", "T", "D", "F", "E", "K", "Fs", "dtype",
     "status", "reason",
-    "time_ms", "p20_ms", "p80_ms", "cv", "repeats", "host_ms", "graph_ms", "graph_reason",
-    "peak_bytes", "peak_label",
+    "time_ms", "p20_ms", "p80_ms", "cv", "repeats", "samples_ms", "host_ms", "graph_ms",
+    "graph_reason", "peak_bytes", "peak_label",
     "flops", "min_bytes", "tokens_per_s", "tflops", "roofline_fraction",
     "max_over_mean", "touched_experts", "imbalance_overhead", "dropped_fraction", "rel_err",
     "layer_stats",
@@ -70,10 +70,15 @@ def base_record(point: grid.Point, impl: str, skew: str, dtype: torch.dtype) -> 
     return record
 
 
+def samples(timing) -> list[float]:
+    """A Timing's repeats for a record, to the ns: the gate tests these raw times."""
+    return [round(ms, 6) for ms in timing.samples_ms]
+
+
 def skip(record: dict, reason: str) -> dict:
     record.update(status="skipped", reason=reason)
-    for key in ("time_ms", "p20_ms", "p80_ms", "cv", "repeats", "host_ms", "graph_ms",
-                "peak_bytes", "tokens_per_s"):  # fmt: skip
+    for key in ("time_ms", "p20_ms", "p80_ms", "cv", "repeats", "samples_ms", "host_ms",
+                "graph_ms", "peak_bytes", "tokens_per_s"):  # fmt: skip
         record[key] = None
     record.update(tflops=None, roofline_fraction=None, dropped_fraction=None, rel_err=None)
     return record

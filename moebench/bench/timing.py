@@ -31,6 +31,8 @@ class Timing:
     # without waiting for the device). Close to median_ms: the layer is bound by its
     # launches, not its kernels.
     host_ms: float | None = None
+    # Every repeat's time in ms, in the order taken: the gate's tests work on them.
+    samples_ms: tuple[float, ...] = ()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -55,6 +57,7 @@ def summarize(samples_ms: list[float], label: str = "", host_ms: float | None = 
         repeats=len(samples_ms),
         label=label,
         host_ms=host_ms,
+        samples_ms=tuple(samples_ms),
     )
 
 

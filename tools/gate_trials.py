@@ -1,0 +1,153 @@
+"""How often the regression gate catches a planted slowdown, and how often it cries wolf.
+
+    python tools/gate_trials.py OUT [--rev REV] [--plants sorted:1.1,padded:1.25] [--tries N]
+    python tools/gate_trials.py OUT --regate      # the verdicts of the runs kept in OUT
+
+Each trial is one `moebench regress --baseline REV` in a worktree of REV, with a busy wait
+planted after one implementation's forward that lasts (factor - 1) x the forward's own time,
+or nothing planted (`same`). The trials take turns over the plants, so that a slow spell
+of the machine is shared out. Both sides' runs are kept in OUT/<plant>-<try>/, so that
+--regate can judge them again with this tree's gate; OUT/trials.jsonl has each trial's
+wall time and verdict, and the tally is printed: for a plant, the trials that named its
+implementation SLOWER, and the alarms raised on anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+PLANT = """
+
+import functools as _functools
+import time as _time
+
+_unplanted = forward
+
+
+@_functools.wraps(_unplanted)
+def forward(*args, **kwargs):  # planted by tools/gate_trials.py: {factor}x slower
+    start = _time.perf_counter()
+    out = _unplanted(*args, **kwargs)
+    end = _time.perf_counter() + {extra} * (_time.perf_counter() - start)
+    while _time.perf_counter() < end:
+        pass
+    return out
+"""
+
+SAME = "same"
+
+
+def parse_plant(text: str) -> tuple[str, float]:
+    impl, _, factor = text.partition(":")
+    if impl == SAME:
+        return SAME, 1.0
+    if not re.fullmatch(r"[a-z_]+", impl) or not (ROOT / "moebench/impls" / f"{impl}.py").exists():
+        raise SystemExit(f"--plants: no moebench/impls/{impl}.py to plant a slowdown in")
+    try:
+        value = float(factor)
+    except ValueError:
+        raise SystemExit(f"--plants: {text!r} is not IMPL:FACTOR (e.g. sorted:1.1)") from None
+    if not value > 1:
+        raise SystemExit(f"--plants: the factor of {text!r} must be above 1")
+    return impl, value
+
+
+def worktree(rev: str, impl: str, factor: float, where: Path) -> Path:
+    """A worktree of rev with the plant applied (uncommitted: regress measures the tree)."""
+    if not where.exists():
+        subprocess.run(["git", "worktree", "add", "--detach", "-f", str(where), rev],
+                       cwd=ROOT, check=True, capture_output=True)  # fmt: skip
+        if impl != SAME:
+            module = where / "moebench/impls" / f"{impl}.py"
+            extra = round(factor - 1, 6)
+            module.write_text(module.read_text() + PLANT.format(factor=factor, extra=extra))
+    return where
+
+
+def judge(trial: Path) -> tuple[int, list[str]]:
+    """(exit code, failing lines) of this tree's gate on a trial's kept runs."""
+    done = subprocess.run(
+        [sys.executable, "-m", "moebench", "gate", str(trial / "baseline"),
+         str(trial / "candidate")],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    return done.returncode, failing(done.stdout)
+
+
+def failing(stdout: str) -> list[str]:
+    """The gate's lines that name what failed: `SLOWER impl ...` and the like."""
+    return [line.strip() for line in stdout.splitlines()
+            if re.match(r"\s*(FAILED|WRONG|SLOWER) ", line)]  # fmt: skip
+
+
+def tally(rows: list[dict]) -> str:
+    lines = ["| plant | trials | caught | other alarms | gate wall time (s) |", "|---" * 5 + "|"]
+    for plant in dict.fromkeys(r["plant"] for r in rows):
+        runs = [r for r in rows if r["plant"] == plant]
+        impl = plant.partition(":")[0]
+        caught = sum(any(f"SLOWER {impl} " in f for f in r["failing"]) for r in runs)
+        other = sum(any(f"SLOWER {impl} " not in f for f in r["failing"]) for r in runs)
+        walls = sorted(r["wall_s"] for r in runs)
+        lines.append(
+            f"| {plant} | {len(runs)} | {'-' if impl == SAME else caught} | {other} | "
+            f"{walls[0]:.0f}-{walls[-1]:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--rev", default="HEAD", help="the code both sides run (default HEAD)")
+    ap.add_argument("--plants", default="same,sorted:1.1,padded:1.1,sorted:1.25,padded:1.25,"
+                    "sorted:1.5,padded:1.5")  # fmt: skip
+    ap.add_argument("--tries", type=int, default=10)
+    ap.add_argument("--regate", action="store_true", help="judge the kept runs again")
+    args = ap.parse_args()
+    log = args.out / "trials.jsonl"
+    if args.regate:
+        rows = [json.loads(line) for line in log.read_text().splitlines()]
+        for row in rows:
+            row["exit"], row["failing"] = judge(args.out / row["trial"])
+        print(tally(rows))
+        return
+    rev = subprocess.run(["git", "rev-parse", args.rev], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout.strip()  # fmt: skip
+    plants = [parse_plant(p) for p in args.plants.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    kept = log.read_text().splitlines() if log.exists() else []
+    done = {json.loads(line)["trial"] for line in kept}
+    for attempt in range(args.tries):
+        for impl, factor in plants:
+            name = SAME if impl == SAME else f"{impl}:{factor:g}"
+            trial = f"{name.replace(':', '-')}-{attempt}"
+            if trial in done:  # a campaign stopped midway goes on where it was
+                continue
+            tree = worktree(rev, impl, factor, args.out / "trees" / name.replace(":", "-"))
+            start = time.monotonic()
+            run = subprocess.run(
+                [sys.executable, "-m", "moebench", "regress", "--baseline", rev,
+                 "--output", str(args.out / trial)],
+                cwd=tree, capture_output=True, text=True,
+            )  # fmt: skip
+            wall = time.monotonic() - start
+            (args.out / trial / "regress.log").write_text(run.stdout + run.stderr)
+            row = {"trial": trial, "plant": name, "rev": rev, "wall_s": round(wall, 1),
+                   "exit": run.returncode, "failing": failing(run.stdout)}  # fmt: skip
+            with open(log, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{trial}: exit {run.returncode} in {wall:.0f} s {row['failing']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
