@@ -32,7 +32,7 @@ import torch
 from . import registry
 from .bench import grid, profiling, sweep
 from .bench.environment import environment, machine_name
-from .bench.gate import EXIT_INCOMPARABLE, EXIT_PASS, EXIT_REGRESSION, Incomparable, gate
+from .bench.gate import EXIT_INCOMPARABLE, EXIT_PASS, EXIT_REGRESSION, FDR, RULE, Incomparable, gate
 from .bench.records import tuned_kernels
 from .bench.runs import BadRun, load_run, write_atomic, write_run
 from .bench.timing import make_timer
@@ -447,28 +447,43 @@ def run_ep(args, p) -> int:
 # --- gate and regress -------------------------------------------------------------------------
 
 
-def _rule_args(p: argparse.ArgumentParser, threshold_default) -> None:
+def fdr(text: str) -> float:
+    """An argparse type: a false discovery rate, 0 < q < 1."""
+    value = non_negative(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a rate between 0 and 1, got {text!r}")
+    return value
+
+
+def _rule_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threshold",
         type=non_negative,
-        default=threshold_default,
-        help="least slowdown that fails",
+        help="least slowdown of an implementation or family that fails (default: 0.05 on "
+        "the CPU gate, 0.02 on a GPU)",
     )
     p.add_argument(
-        "--noise-mult", type=non_negative, default=3.0, help="limit >= this x the larger cv"
+        "--point-threshold",
+        type=non_negative,
+        help="least slowdown of one point alone that fails (default: 0.2 CPU, 0.05 GPU)",
+    )
+    p.add_argument(
+        "--fdr",
+        type=fdr,
+        default=FDR,
+        help=f"false discovery rate over all the gate's tests (default {FDR})",
     )
     p.add_argument("--allow-missing", action="store_true", help="gate the points ok on both sides")
 
 
 def _gate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("baseline", help="run file, or a directory of runs of one code (best of)")
-    p.add_argument("candidate", help="run file, or a directory of runs of one code (best of)")
-    _rule_args(p, 0.05)
+    p.add_argument("baseline", help="run file, or a directory of rounds of one code")
+    p.add_argument("candidate", help="run file, or a directory of rounds of one code")
+    _rule_args(p)
 
 
 def run_gate(args, p) -> int:
-    rule = {k: getattr(args, k) for k in ("threshold", "noise_mult", "allow_missing")}
-    return gate(args.baseline, args.candidate, **rule)
+    return gate(args.baseline, args.candidate, **{k: getattr(args, k) for k in RULE})
 
 
 def _regress_args(p: argparse.ArgumentParser) -> None:
@@ -480,7 +495,7 @@ def _regress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--families", type=choices(_family_names(), "family"), help="(the profile's)")
     p.add_argument("--impls", type=impl_list, help="(moebench's own)")
     p.add_argument("--output", help="keep the runs in this directory")
-    _rule_args(p, None)
+    _rule_args(p)
 
 
 def run_regress(args, p) -> int:

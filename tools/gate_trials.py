@@ -88,16 +88,30 @@ def failing(stdout: str) -> list[str]:
             if re.match(r"\s*(FAILED|WRONG|SLOWER) ", line)]  # fmt: skip
 
 
+def alarms(plant: str, failing_lines: list[str]) -> tuple[bool, bool]:
+    """(caught, other): whether the gate named the planted implementation (a point of it or
+    its aggregate) SLOWER, and whether it raised any other alarm. A family's aggregate
+    holds the planted implementation's points, so it is neither."""
+    impl = plant.partition(":")[0]
+    own = (f"SLOWER {impl} ", f"SLOWER impl {impl}")
+    caught = any(line.startswith(own) or line == own[1] for line in failing_lines)
+    family = impl != SAME
+    other = any(
+        not (line.startswith(own) or line == own[1] or (family and " family " in f" {line}"))
+        for line in failing_lines
+    )
+    return caught, other
+
+
 def tally(rows: list[dict]) -> str:
     lines = ["| plant | trials | caught | other alarms | gate wall time (s) |", "|---" * 5 + "|"]
     for plant in dict.fromkeys(r["plant"] for r in rows):
         runs = [r for r in rows if r["plant"] == plant]
-        impl = plant.partition(":")[0]
-        caught = sum(any(f"SLOWER {impl} " in f for f in r["failing"]) for r in runs)
-        other = sum(any(f"SLOWER {impl} " not in f for f in r["failing"]) for r in runs)
+        marks = [alarms(plant, r["failing"]) for r in runs]
         walls = sorted(r["wall_s"] for r in runs)
+        caught = "-" if plant == SAME else sum(c for c, _ in marks)
         lines.append(
-            f"| {plant} | {len(runs)} | {'-' if impl == SAME else caught} | {other} | "
+            f"| {plant} | {len(runs)} | {caught} | {sum(o for _, o in marks)} | "
             f"{walls[0]:.0f}-{walls[-1]:.0f} |"
         )
     return "\n".join(lines)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import grid
 from .environment import machine_name
-from .gate import EXIT_INCOMPARABLE, THRESHOLD, Incomparable, gate
+from .gate import EXIT_INCOMPARABLE, RULE, Incomparable, gate
 from .runs import BadRun, read_run, write_run
 
 WORKER = Path(__file__).with_name("worker.py")
@@ -162,11 +162,7 @@ def regress(args) -> int:
     root = Path(_git("rev-parse", "--show-toplevel"))
     profile = args.profile or ("gpu" if _cuda_available() else "gate")
     rounds = args.rounds or ROUNDS.get(profile, 1)
-    rule = {
-        "threshold": THRESHOLD.get(profile, 0.05) if args.threshold is None else args.threshold,
-        "noise_mult": args.noise_mult,
-        "allow_missing": args.allow_missing,
-    }
+    rule = {k: getattr(args, k) for k in RULE}
     with tempfile.TemporaryDirectory(prefix="moebench-regress-") as tmp:
         out, tmp = Path(args.output or tmp), Path(tmp)
         out.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,8 @@ moves none of them by more than one rank.
 - `signed_rank`: paired effects, one a block, for an aggregate over many points (Wilcoxon).
   Under the null hypothesis of identical code, which side is slower in a block is a coin
   toss, and that holds on a loaded machine too, where a t-test's normality does not.
-- `benjamini_hochberg`: which of a gate's many tests to call, the expected share of false
-  alarms among them held at q.
+- `bh_adjust`: p-values adjusted over a gate's many tests, so that calling those below q
+  holds the expected share of false alarms among the calls at q.
 
 numpy only: scipy is not among moebench's dependencies.
 """
@@ -138,16 +138,15 @@ def _upper(z: float) -> float:
     return 0.5 * math.erfc(z / math.sqrt(2))
 
 
-def benjamini_hochberg(p_values, q: float) -> np.ndarray:
-    """Which tests to call (a bool array) so that the expected share of false ones among
-    the calls is at most q (Benjamini and Hochberg, 1995)."""
+def bh_adjust(p_values) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values: calling those <= q keeps the expected share
+    of false calls among all calls at most q (Benjamini and Hochberg, 1995)."""
     p = np.asarray(p_values, float)
     m = len(p)
     if m == 0:
-        return np.zeros(0, bool)
+        return p
     order = np.argsort(p, kind="stable")
-    below = p[order] <= q * np.arange(1, m + 1) / m
-    called = np.zeros(m, bool)
-    if below.any():
-        called[order[: np.nonzero(below)[0].max() + 1]] = True
-    return called
+    scaled = p[order] * m / np.arange(1, m + 1)
+    adjusted = np.empty(m)
+    adjusted[order] = np.minimum(1.0, np.minimum.accumulate(scaled[::-1])[::-1])
+    return adjusted
