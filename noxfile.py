@@ -67,35 +67,12 @@ def regress(session: nox.Session) -> None:
 
 @nox.session
 def microbench(session: nox.Session) -> None:
-    """pytest-benchmark: routing and permutation steps, failing where one takes twice its
-    time in the baseline stored for this machine under results/microbench/<machine>/
-    (stored by the first run on a machine; `-- --benchmark-save=NAME` stores another;
-    `-- --benchmark-compare-fail=min:10%` adds a tighter check on a quiet machine)."""
+    """The micro-benchmarks (tests/test_microbench.py: routing and permutation steps) of a
+    baseline revision and the working tree, 3 rounds each in turn under pytest-benchmark,
+    then the gate's verdict (`moebench regress --micro`; `-- --baseline REV`, `--rounds N`,
+    `--output DIR`)."""
     install(session, "dev")
-    _, machine = _where(session)
-    storage = Path("results", "microbench", machine)
-    if any(storage.glob("*/*.json")):
-        # The minimum, not the median: on a shared CPU, neighbours only ever add time; and
-        # a doubling, since 5 runs of one commit on the 2-core CI machine saw minimums up
-        # to 1.44x the baseline's.
-        gate = ["--benchmark-compare", "--benchmark-compare-fail=min:100%"]
-    else:
-        session.warn(f"no microbench baseline in {storage}: storing this run as one")
-        gate = ["--benchmark-save=baseline"]
-    session.run(
-        "pytest",
-        "tests/test_microbench.py",
-        "-q",
-        "--benchmark-enable",
-        f"--benchmark-storage=file://{storage}",
-        "--benchmark-warmup=on",
-        "--benchmark-max-time=0.5",
-        "--benchmark-columns=min,median,iqr,rounds",
-        *gate,
-        *session.posargs,
-        # One thread: OpenMP barriers on a busy 2-core machine stall for whole time slices.
-        env={"OMP_NUM_THREADS": "1"},
-    )
+    session.run("python", "-m", "moebench", "regress", "--micro", *session.posargs)
 
 
 def _where(session: nox.Session, profile: str | None = None) -> tuple[str, str]:

@@ -495,6 +495,9 @@ def _regress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--families", type=choices(_family_names(), "family"), help="(the profile's)")
     p.add_argument("--impls", type=impl_list, help="(moebench's own)")
     p.add_argument("--output", help="keep the runs in this directory")
+    p.add_argument(
+        "--micro", action="store_true", help="gate the micro-benchmarks (tests/test_microbench.py)"
+    )
     _rule_args(p)
 
 

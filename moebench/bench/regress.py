@@ -28,7 +28,8 @@ WORKER = Path(__file__).with_name("worker.py")
 # Rounds a side: each round is one block per point of the gate's paired tests, and on the
 # shared CPU machine a point's ratio moved by up to 17 % from one round to the next; the
 # GPU is steady enough for one.
-ROUNDS = {"gate": 4}
+ROUNDS = {"gate": 4, "microbench": 3}
+MICRO = "microbench"  # the gate profile of regress --micro
 
 
 class _Worker:
@@ -101,12 +102,14 @@ def _committed_run(root: Path, profile: str) -> Path | None:
     return max(runs)[1] if runs else None
 
 
-def resolve_baseline(spec: str | None, root: Path, profile: str) -> str | Path:
+def resolve_baseline(
+    spec: str | None, root: Path, profile: str, measured=("moebench",)
+) -> str | Path:
     """A run file or directory to read, or the commit to measure.
 
     Default: the merge base of HEAD with main (or origin/main). Where that is HEAD itself
-    and the package has no uncommitted change (CI on main), the newest committed run of
-    this machine and profile, else HEAD~1: the last commit is the change to gate.
+    and the `measured` paths have no uncommitted change (CI on main), the newest committed
+    run of this machine and profile, else HEAD~1: the last commit is the change to gate.
     """
     if spec and Path(spec).exists():
         return Path(spec)
@@ -118,7 +121,7 @@ def resolve_baseline(spec: str | None, root: Path, profile: str) -> str | Path:
         raise Incomparable("no branch main or origin/main: pass --baseline REV")
     head = _git("rev-parse", "HEAD", cwd=root)
     base = _git("merge-base", "HEAD", main, cwd=root)
-    if base != head or _git("status", "--porcelain", "--", "moebench", cwd=root):
+    if base != head or _git("status", "--porcelain", "--", *measured, cwd=root):
         return base
     return _committed_run(root, profile) or _git("rev-parse", "HEAD~1", cwd=root)
 
@@ -160,12 +163,14 @@ def regress(args) -> int:
     and the working tree, then gate; the exit code (moebench.bench.gate). args.impls:
     default moebench's own layers (a peer's code does not change between our commits)."""
     root = Path(_git("rev-parse", "--show-toplevel"))
-    profile = args.profile or ("gpu" if _cuda_available() else "gate")
+    profile = MICRO if args.micro else args.profile or ("gpu" if _cuda_available() else "gate")
     rounds = args.rounds or ROUNDS.get(profile, 1)
     rule = {k: getattr(args, k) for k in RULE}
     with tempfile.TemporaryDirectory(prefix="moebench-regress-") as tmp:
         out, tmp = Path(args.output or tmp), Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
+        if args.micro:
+            return _micro(args, root, rounds, out, tmp, rule)
         sides = {}
         try:
             p, points, skews = grid.gate_grid(profile)
@@ -194,6 +199,68 @@ def regress(args) -> int:
         return gate(
             out / "baseline" if "baseline" in sides else baseline, out / "candidate", **rule
         )
+
+
+MICRO_TESTS = "tests/test_microbench.py"
+MICRO_ENV = {"OMP_NUM_THREADS": "1"}  # OpenMP barriers on a busy 2-core machine stall
+
+
+def micro_records(report: dict) -> list[dict]:
+    """A pytest-benchmark JSON report as gate records: one point a benchmark, its raw rounds
+    as repeats (ms a call), the test function as the implementation (its aggregate)."""
+    records = []
+    for bench in report.get("benchmarks", []):
+        data = bench["stats"]
+        per_call = [t * 1e3 / data["iterations"] for t in data["data"]]
+        function = bench["name"].partition("[")[0].removeprefix("test_")
+        records.append(
+            {"family": "microbench", "label": bench["name"], "impl": function,
+             "skew": bench.get("param") or "-", "dtype": None, "status": "ok", "reason": None,
+             "time_ms": data["median"] * 1e3 / data["iterations"], "samples_ms": per_call,
+             "repeats": len(per_call), "rel_err": None}
+        )  # fmt: skip
+    return records
+
+
+def _micro_round(code: Path, report: Path) -> list[dict]:
+    """One pytest-benchmark run of the micro-benchmarks of the tree at `code`."""
+    if not (code / MICRO_TESTS).exists():
+        raise Incomparable(f"{code} has no {MICRO_TESTS} to measure")
+    path = os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "pytest", MICRO_TESTS, "-q", "-p", "no:cacheprovider",
+           "--benchmark-enable", "--benchmark-warmup=on", "--benchmark-max-time=0.5",
+           f"--benchmark-json={report}"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=code, capture_output=True, text=True,
+                          env={**os.environ, **MICRO_ENV, "PYTHONPATH": path})  # fmt: skip
+    if done.returncode:
+        raise Incomparable(f"the micro-benchmarks of {code} failed:\n{done.stdout[-3000:]}")
+    return micro_records(json.loads(report.read_text()))
+
+
+def measure_micro(codes: dict[str, Path], rounds: int, out: Path) -> None:
+    """Each side's rounds of the micro-benchmarks as out/<side>/round-<r>.json, the sides
+    taking turns, the first alternating."""
+    env = {"machine": machine_name(), "profile": "microbench"}
+    for r in range(rounds):
+        for name in list(codes) if r % 2 == 0 else list(codes)[::-1]:
+            records = _micro_round(codes[name], out / f"{name}-{r}.pytest.json")
+            write_run(out / name / f"round-{r}.json", env, records)
+        print(f"regress: round {r + 1}/{rounds} of the micro-benchmarks measured", flush=True)
+
+
+def _micro(args, root: Path, rounds: int, out: Path, tmp: Path, rule: dict) -> int:
+    """regress --micro: the micro-benchmarks of a baseline revision and the working tree."""
+    try:
+        baseline = resolve_baseline(args.baseline, root, MICRO, ("moebench", MICRO_TESTS))
+        if not isinstance(baseline, str):
+            raise Incomparable(f"--micro measures a git revision, not a stored run: {baseline}")
+        print(f"regress: micro-benchmarks of {baseline} and of the working tree {root}")
+        codes = {"baseline": _checkout(baseline, root, tmp / "baseline-src"), "candidate": root}
+        measure_micro(codes, rounds, out)
+    except Incomparable as e:
+        print(f"gate: INCOMPARABLE: {e}", file=sys.stderr)
+        return EXIT_INCOMPARABLE
+    return gate(out / "baseline", out / "candidate", **rule)
 
 
 def _cuda_available() -> bool:

@@ -101,3 +101,34 @@ def test_an_unmeasurable_baseline_says_so_and_suggests_a_run_file(repo, monkeypa
     assert code == gate.EXIT_INCOMPARABLE
     err = capsys.readouterr().err
     assert "cannot be measured" in err and "--baseline RUN.json" in err
+
+
+MICRO_BENCH = """
+def test_loop(benchmark):
+    benchmark(lambda: sum(range({n})))
+"""
+
+
+def test_micro_gate_measures_both_revisions_and_names_the_slower_one(repo, monkeypatch, capsys):
+    (repo / "tests").mkdir()
+    bench = repo / "tests" / "test_microbench.py"
+    bench.write_text(MICRO_BENCH.format(n=2000))
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "a micro-benchmark")
+    bench.write_text(MICRO_BENCH.format(n=6000))  # the working tree: 3x the work
+    monkeypatch.chdir(repo)
+    code = cli.main(["regress", "--micro", "--rounds", "2", "--output", str(repo / "out")])
+    out, err = capsys.readouterr()
+    assert code == gate.EXIT_REGRESSION, out + err
+    assert "SLOWER loop microbench test_loop -\n" in out
+    base = gate.load(repo / "out" / "baseline")[1]
+    assert list(base["round"]) == [0, 1] and len(base["samples_ms"][0]) >= 3
+    # The same code passes.
+    bench.write_text(MICRO_BENCH.format(n=2000))
+    assert cli.main(["regress", "--micro", "--rounds", "1", "--baseline", "HEAD"]) == gate.EXIT_PASS
+
+
+def test_micro_gate_refuses_a_tree_without_micro_benchmarks(repo, monkeypatch, capsys):
+    monkeypatch.chdir(repo)
+    assert cli.main(["regress", "--micro", "--rounds", "1"]) == gate.EXIT_INCOMPARABLE
+    assert "has no tests/test_microbench.py" in capsys.readouterr().err
