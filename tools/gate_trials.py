@@ -3,13 +3,15 @@
     python tools/gate_trials.py OUT [--rev REV] [--plants sorted:1.1,padded:1.25] [--tries N]
     python tools/gate_trials.py OUT --regate      # the verdicts of the runs kept in OUT
 
-Each trial is one `moebench regress --baseline REV` in a worktree of REV, with a busy wait
-planted after one implementation's forward that lasts (factor - 1) x the forward's own time,
-or nothing planted (`same`). The trials take turns over the plants, so that a slow spell
-of the machine is shared out. Both sides' runs are kept in OUT/<plant>-<try>/, so that
---regate can judge them again with this tree's gate; OUT/trials.jsonl has each trial's
-wall time and verdict, and the tally is printed: for a plant, the trials that named its
-implementation SLOWER, and the alarms raised on anything else.
+Each trial is one `moebench regress --baseline REV` in a worktree of REV, with a slowdown
+planted after one implementation's forward that lasts (factor - 1) x the forward's own time
+(on the CPU a busy wait; on a GPU a spinning kernel queued after the forward's, its length
+calibrated once per shape), or nothing planted (`same`). The trials take turns over the
+plants, so that a slow spell of the machine is shared out. Both sides' runs are kept in
+OUT/<plant>-<try>/, so that --regate can judge them again with this tree's gate;
+OUT/trials.jsonl has each trial's wall time and verdict, and the tally is printed: for a
+plant, the trials that named its implementation SLOWER, and the alarms raised on anything
+else.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -29,18 +32,47 @@ PLANT = """
 import functools as _functools
 import time as _time
 
+import torch as _torch
+
 _unplanted = forward
+_sleep_cycles = {{}}  # on a GPU, by input shape: the cycles of torch.cuda._sleep to add
 
 
 @_functools.wraps(_unplanted)
 def forward(*args, **kwargs):  # planted by tools/gate_trials.py: {factor}x slower
+    x = args[0]
+    if x.is_cuda:  # a kernel that spins {extra} x the forward's device time, queued after it
+        key = (x.shape, x.dtype, args[1].shape)
+        if key not in _sleep_cycles:
+            _sleep_cycles[key] = _calibrate(args, kwargs)
+        out = _unplanted(*args, **kwargs)
+        _torch.cuda._sleep(_sleep_cycles[key])
+        return out
     start = _time.perf_counter()
     out = _unplanted(*args, **kwargs)
     end = _time.perf_counter() + {extra} * (_time.perf_counter() - start)
     while _time.perf_counter() < end:
         pass
     return out
+
+
+def _device_ms(fn):
+    start, end = _torch.cuda.Event(enable_timing=True), _torch.cuda.Event(enable_timing=True)
+    fn()
+    _torch.cuda.synchronize()
+    start.record()
+    for _ in range(10):
+        fn()
+    end.record()
+    _torch.cuda.synchronize()
+    return start.elapsed_time(end) / 10
+
+
+def _calibrate(args, kwargs):
+    per_cycle_ms = _device_ms(lambda: _torch.cuda._sleep(1_000_000)) / 1_000_000
+    return max(1, round({extra} * _device_ms(lambda: _unplanted(*args, **kwargs)) / per_cycle_ms))
 """
+
 
 SAME = "same"
 
@@ -49,8 +81,8 @@ def parse_plant(text: str) -> tuple[str, float]:
     impl, _, factor = text.partition(":")
     if impl == SAME:
         return SAME, 1.0
-    if not re.fullmatch(r"[a-z_]+", impl) or not (ROOT / "moebench/impls" / f"{impl}.py").exists():
-        raise SystemExit(f"--plants: no moebench/impls/{impl}.py to plant a slowdown in")
+    if not re.fullmatch(r"[a-z_]+", impl) or not module(ROOT, impl).exists():
+        raise SystemExit(f"--plants: no moebench/impls/{impl} to plant a slowdown in")
     try:
         value = float(factor)
     except ValueError:
@@ -60,15 +92,21 @@ def parse_plant(text: str) -> tuple[str, float]:
     return impl, value
 
 
+def module(root: Path, impl: str) -> Path:
+    """The file that defines an implementation's forward: impls/<impl>.py or its package."""
+    path = root / "moebench/impls" / impl
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
 def worktree(rev: str, impl: str, factor: float, where: Path) -> Path:
     """A worktree of rev with the plant applied (uncommitted: regress measures the tree)."""
     if not where.exists():
         subprocess.run(["git", "worktree", "add", "--detach", "-f", str(where), rev],
                        cwd=ROOT, check=True, capture_output=True)  # fmt: skip
         if impl != SAME:
-            module = where / "moebench/impls" / f"{impl}.py"
+            path = module(where, impl)
             extra = round(factor - 1, 6)
-            module.write_text(module.read_text() + PLANT.format(factor=factor, extra=extra))
+            path.write_text(path.read_text() + PLANT.format(factor=factor, extra=extra))
     return where
 
 
@@ -126,6 +164,7 @@ def main() -> None:
     ap.add_argument("--plants", default="same,sorted:1.1,padded:1.1,sorted:1.25,padded:1.25,"
                     "sorted:1.5,padded:1.5")  # fmt: skip
     ap.add_argument("--tries", type=int, default=10)
+    ap.add_argument("--regress-args", default="", help='for each regress, e.g. "--families models"')
     ap.add_argument("--regate", action="store_true", help="judge the kept runs again")
     args = ap.parse_args()
     log = args.out / "trials.jsonl"
@@ -151,7 +190,7 @@ def main() -> None:
             start = time.monotonic()
             run = subprocess.run(
                 [sys.executable, "-m", "moebench", "regress", "--baseline", rev,
-                 "--output", str(args.out / trial)],
+                 "--output", str(args.out / trial), *shlex.split(args.regress_args)],
                 cwd=tree, capture_output=True, text=True,
             )  # fmt: skip
             wall = time.monotonic() - start
