@@ -7,7 +7,6 @@ triton: `nox --no-venv -s bench` (or MOEBENCH_NOX_EXISTING_ENV=1).
 
 import os
 import time
-from pathlib import Path
 
 import nox
 
@@ -58,9 +57,10 @@ def compile_check(session: nox.Session) -> None:
 @nox.session
 def regress(session: nox.Session) -> None:
     """The regression gate: a baseline against the working tree on the same grid, then the
-    verdict table (`moebench regress`). `-- --baseline REV|RUN.json` (default: the merge base
-    with main), `--rounds N`, `--threshold X`, `--output DIR`; the profile is gpu where
-    CUDA is available, else the small CPU gate grid."""
+    verdicts of every point, implementation and family (`moebench regress`). `-- --baseline
+    REV|RUN.json` (default: the merge base with main), `--rounds N`, `--threshold X`,
+    `--fdr Q`, `--output DIR`; the profile is gpu where CUDA is available, else the small
+    CPU gate grid."""
     install(session, "bench")
     session.run("python", "-m", "moebench", "regress", *session.posargs)
 
