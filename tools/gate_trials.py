@@ -110,14 +110,21 @@ def worktree(rev: str, impl: str, factor: float, where: Path) -> Path:
     return where
 
 
-def judge(trial: Path) -> tuple[int, list[str]]:
-    """(exit code, failing lines) of this tree's gate on a trial's kept runs."""
+def judge(trial: Path) -> tuple[int, list[str], dict[str, float]]:
+    """(exit code, failing lines, each implementation's estimated ratio) of this tree's
+    gate on a trial's kept runs."""
     done = subprocess.run(
         [sys.executable, "-m", "moebench", "gate", str(trial / "baseline"),
          str(trial / "candidate")],
         cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip
-    return done.returncode, failing(done.stdout)
+    return done.returncode, failing(done.stdout), ratios(done.stdout)
+
+
+def ratios(stdout: str) -> dict[str, float]:
+    """The gate's estimate for each implementation: its lines `impl sorted: 1.115x [...]`."""
+    found = re.findall(r"^impl (\S+): ([\d.]+)x ", stdout, flags=re.M)
+    return {impl: float(ratio) for impl, ratio in found}
 
 
 def failing(stdout: str) -> list[str]:
@@ -142,14 +149,22 @@ def alarms(plant: str, failing_lines: list[str]) -> tuple[bool, bool]:
 
 
 def tally(rows: list[dict]) -> str:
-    lines = ["| plant | trials | caught | other alarms | gate wall time (s) |", "|---" * 5 + "|"]
+    """The table of trials by plant; the estimates are the planted implementation's (for
+    identical code, every implementation's)."""
+    head = "| plant | trials | caught | other alarms | estimated ratio | gate wall time (s) |"
+    lines = [head, "|---" * 6 + "|"]
     for plant in dict.fromkeys(r["plant"] for r in rows):
         runs = [r for r in rows if r["plant"] == plant]
         marks = [alarms(plant, r["failing"]) for r in runs]
         walls = sorted(r["wall_s"] for r in runs)
+        impl = plant.partition(":")[0]
+        found = sorted(
+            v for r in runs for k, v in r.get("ratios", {}).items() if plant == SAME or k == impl
+        )
+        span = f"{found[0]:.3f}-{found[-1]:.3f}" if found else "-"
         caught = "-" if plant == SAME else sum(c for c, _ in marks)
         lines.append(
-            f"| {plant} | {len(runs)} | {caught} | {sum(o for _, o in marks)} | "
+            f"| {plant} | {len(runs)} | {caught} | {sum(o for _, o in marks)} | {span} | "
             f"{walls[0]:.0f}-{walls[-1]:.0f} |"
         )
     return "\n".join(lines)
@@ -171,7 +186,7 @@ def main() -> None:
     if args.regate:
         rows = [json.loads(line) for line in log.read_text().splitlines()]
         for row in rows:
-            row["exit"], row["failing"] = judge(args.out / row["trial"])
+            row["exit"], row["failing"], row["ratios"] = judge(args.out / row["trial"])
         print(tally(rows))
         return
     rev = subprocess.run(["git", "rev-parse", args.rev], cwd=ROOT, check=True,
