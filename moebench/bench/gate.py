@@ -177,39 +177,51 @@ def _points(df: pd.DataFrame, side: str) -> pd.DataFrame:
     dup = df[df.duplicated([*KEY, "round"], keep=False)]
     if len(dup):
         raise Incomparable(f"{side} run has {len(dup)} records sharing a point key {KEY}")
+    absent = pd.Series(None, index=df.index, dtype=object)
+    reason, samples = df.get("reason", absent), df.get("samples_ms", absent)
     df = df.assign(
-        reason=df.get("reason"),
-        samples_ms=df.get("samples_ms"),
-        _rank=np.where(_failed(df.get("reason", pd.Series(dtype=object))), 0, 1)
-        + df["status"].eq("ok"),
+        reason=reason,
+        samples_ms=samples,
+        _rank=np.where(_failed(reason), 0, 1) + df["status"].eq("ok"),
     )
     worst = df.sort_values(["_rank", "round"], kind="stable").drop_duplicates(KEY)
-    rounds = df[df["status"].eq("ok")].groupby(KEY, dropna=False)
+    ok = df[df["status"].eq("ok")].sort_values("round", kind="stable").groupby(KEY, dropna=False)
     out = worst[[*KEY, "status", "reason"]].set_index(KEY)
-    out["time_ms"] = rounds["time_ms"].median()
+    out["time_ms"] = ok["time_ms"].median()
     out["rel_err"] = df.groupby(KEY, dropna=False)["rel_err"].max()
-    out["rounds"] = rounds.apply(
-        lambda g: [(r.time_ms, r.samples_ms) for r in g.sort_values("round").itertuples()],
-        include_groups=False,
-    )
+    # Per round, in order: (median, raw repeats).
+    out["rounds"] = ok["time_ms"].agg(list)
+    repeats = ok["samples_ms"].agg(list)
+    out["rounds"] = [
+        list(zip(t, r, strict=True)) if isinstance(t, list) else None
+        for t, r in zip(out["rounds"], repeats.reindex(out.index), strict=True)
+    ]
     return out.reset_index()
 
 
-def _point_effect(base_rounds, cand_rounds) -> stats.Effect:
-    """Rounds paired by index (the shorter side's repeat in turn): the median of the rounds'
-    shifts, the union of their intervals, the largest of their p-values."""
+def _paired(base_rounds: list, cand_rounds: list) -> list[tuple]:
+    """The two sides' rounds paired by index, the side with fewer taking its own in turn
+    (a stored single run against regress's rounds)."""
     n = max(len(base_rounds), len(cand_rounds))
-    effects = []
-    for r in range(n):
-        (bt, bs), (ct, cs) = base_rounds[r % len(base_rounds)], cand_rounds[r % len(cand_rounds)]
-        effects.append(stats.two_sample(_repeats(bs, bt), _repeats(cs, ct), level=LEVEL))
+    return [
+        (base_rounds[r % len(base_rounds)], cand_rounds[r % len(cand_rounds)]) for r in range(n)
+    ]
+
+
+def _point_effect(base_rounds, cand_rounds) -> stats.Effect:
+    """The median of the paired rounds' shifts, the union of their intervals, the largest
+    of their p-values."""
+    effects = [
+        stats.two_sample(_repeats(bs, bt), _repeats(cs, ct), level=LEVEL)
+        for (bt, bs), (ct, cs) in _paired(base_rounds, cand_rounds)
+    ]
     return stats.Effect(
         estimate=float(np.median([e.estimate for e in effects])),
         low=min(e.low for e in effects),
         high=max(e.high for e in effects),
         p_slower=max(e.p_slower for e in effects),
         p_faster=max(e.p_faster for e in effects),
-        n=n,
+        n=len(effects),
     )
 
 
@@ -221,13 +233,11 @@ def _repeats(samples, median_ms) -> list[float]:
 def _block_effects(both: pd.DataFrame) -> pd.DataFrame:
     """Per point and paired round, log(candidate median / baseline median), with the
     point's block."""
-    rows = []
-    for row in both.itertuples():
-        n = max(len(row.rounds_base), len(row.rounds_cand))
-        for r in range(n):
-            bt = row.rounds_base[r % len(row.rounds_base)][0]
-            ct = row.rounds_cand[r % len(row.rounds_cand)][0]
-            rows.append({**{k: getattr(row, k) for k in KEY}, "round": r, "d": math.log(ct / bt)})
+    rows = [
+        {**{k: getattr(row, k) for k in KEY}, "round": r, "d": math.log(cand[0] / base[0])}
+        for row in both.itertuples()
+        for r, (base, cand) in enumerate(_paired(row.rounds_base, row.rounds_cand))
+    ]
     return pd.DataFrame(rows, columns=[*KEY, "round", "d"])
 
 
