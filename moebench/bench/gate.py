@@ -105,6 +105,10 @@ class Comparison:
     fdr: float
 
     @property
+    def tests(self) -> int:
+        return int(self.points["q"].notna().sum() + self.groups["q"].notna().sum())
+
+    @property
     def failed(self) -> bool:
         return bool(
             self.points["verdict"].isin(FAILING).any() or self.groups["verdict"].eq("SLOWER").any()
@@ -379,8 +383,8 @@ def format_table(table: pd.DataFrame) -> str:
 def legend(comparison: Comparison) -> str:
     return (
         f"ratio = candidate / baseline (Hodges-Lehmann); low-high its {LEVEL:.0%} interval; "
-        f"q = the p-value of a slowdown adjusted for all {len(comparison.points)} points and "
-        f"{len(comparison.groups)} aggregates; SLOWER: q <= {comparison.fdr:g} and ratio > "
+        f"q = the p-value of a slowdown adjusted for all {comparison.tests} tests of points "
+        f"and aggregates; SLOWER: q <= {comparison.fdr:g} and ratio > "
         f"{1 + comparison.threshold:g} (a point: > {1 + comparison.point_threshold:g})"
     )
 

@@ -44,7 +44,8 @@ class Effect:
 
     @classmethod
     def unknown(cls, n: int = 0) -> Effect:
-        return cls(math.nan, -math.inf, math.inf, 1.0, 1.0, n)
+        """Nothing to test: no estimate, an unbounded interval, no p-values (NaN)."""
+        return cls(math.nan, -math.inf, math.inf, math.nan, math.nan, n)
 
 
 def _thin(x: np.ndarray) -> np.ndarray:
@@ -140,13 +141,15 @@ def _upper(z: float) -> float:
 
 def bh_adjust(p_values) -> np.ndarray:
     """Benjamini-Hochberg adjusted p-values: calling those <= q keeps the expected share
-    of false calls among all calls at most q (Benjamini and Hochberg, 1995)."""
+    of false calls among all calls at most q (Benjamini and Hochberg, 1995). NaN (no test)
+    stays NaN and does not count as a test."""
     p = np.asarray(p_values, float)
-    m = len(p)
+    adjusted = np.full(len(p), math.nan)
+    tested = np.flatnonzero(~np.isnan(p))
+    m = len(tested)
     if m == 0:
-        return p
-    order = np.argsort(p, kind="stable")
+        return adjusted
+    order = tested[np.argsort(p[tested], kind="stable")]
     scaled = p[order] * m / np.arange(1, m + 1)
-    adjusted = np.empty(m)
     adjusted[order] = np.minimum(1.0, np.minimum.accumulate(scaled[::-1])[::-1])
     return adjusted

@@ -75,7 +75,7 @@ def test_two_sample_estimates_a_uniform_ratio():
     assert e.p_slower < 1e-6 and e.low > math.log(1.1)
     # Medians alone (a run without repeats): an estimate, no test.
     e = stats.two_sample([10.0], [12.0])
-    assert e.estimate == pytest.approx(math.log(1.2)) and e.p_slower == 1.0
+    assert e.estimate == pytest.approx(math.log(1.2)) and math.isnan(e.p_slower)
     assert (e.low, e.high) == (-math.inf, math.inf)
 
 
@@ -90,3 +90,7 @@ def test_benjamini_hochberg_adjusts_as_the_paper_does():
     np.testing.assert_allclose(adjusted, [0.04, 0.04 * 4 / 3, 0.04 * 4 / 3, 0.5])
     assert len(stats.bh_adjust([])) == 0
     assert (stats.bh_adjust([0.9] * 5) == 0.9).all()
+    # No test (NaN) is not counted: the same adjustment with NaNs among the p-values.
+    with_gaps = stats.bh_adjust([0.01, math.nan, 0.04, 0.03, 0.5, math.nan])
+    np.testing.assert_allclose(with_gaps[[0, 2, 3, 4]], adjusted)
+    assert np.isnan(with_gaps[[1, 5]]).all()
