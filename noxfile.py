@@ -69,8 +69,8 @@ def regress(session: nox.Session) -> None:
 def microbench(session: nox.Session) -> None:
     """The micro-benchmarks (tests/test_microbench.py: routing and permutation steps) of a
     baseline revision and the working tree, 3 rounds each in turn under pytest-benchmark,
-    then the gate's verdict (`moebench regress --micro`; `-- --baseline REV`, `--rounds N`,
-    `--output DIR`)."""
+    then their instructions under callgrind where valgrind is installed, and the gate's
+    verdicts (`moebench regress --micro`; `-- --baseline REV`, `--rounds N`, `--output DIR`)."""
     install(session, "dev")
     session.run("python", "-m", "moebench", "regress", "--micro", *session.posargs)
 

@@ -2,8 +2,9 @@
 
 T tokens, E experts, K experts per token, S = T*K token-expert pairs.
 Under pytest's default `--benchmark-disable` each body runs once, as a plain test of its
-result. `nox -s microbench` times them with pytest-benchmark and fails when one's minimum
-time doubles against the baseline stored for this machine under results/microbench/.
+result. `nox -s microbench` (`moebench regress --micro`) times them with pytest-benchmark
+in a baseline revision and the working tree in turn, counts their instructions under
+callgrind, and gates both as the layer gate does.
 """
 
 import pytest

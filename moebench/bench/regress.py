@@ -13,6 +13,8 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from . import grid
 from .environment import machine_name
-from .gate import EXIT_INCOMPARABLE, RULE, Incomparable, gate
+from .gate import EXIT_INCOMPARABLE, INSTRUCTIONS, RULE, Incomparable, gate
 from .runs import BadRun, read_run, write_run
 
 WORKER = Path(__file__).with_name("worker.py")
@@ -205,21 +207,63 @@ MICRO_TESTS = "tests/test_microbench.py"
 MICRO_ENV = {"OMP_NUM_THREADS": "1"}  # OpenMP barriers on a busy 2-core machine stall
 
 
+def micro_record(name: str, samples: list[float], median: float) -> dict:
+    """A micro-benchmark as a gate record: the benchmark (test_route[softmax]) a point,
+    its test function (route) the implementation, whose aggregate holds its variants."""
+    function, _, param = name.partition("[")
+    return {"family": "microbench", "label": name, "impl": function.removeprefix("test_"),
+            "skew": param.removesuffix("]") or "-", "dtype": None, "status": "ok",
+            "reason": None, "time_ms": median, "samples_ms": samples, "repeats": len(samples),
+            "rel_err": None}  # fmt: skip
+
+
 def micro_records(report: dict) -> list[dict]:
-    """A pytest-benchmark JSON report as gate records: one point a benchmark, its raw rounds
-    as repeats (ms a call), the test function as the implementation (its aggregate)."""
+    """A pytest-benchmark JSON report as gate records, its raw rounds as repeats (ms a
+    call)."""
     records = []
     for bench in report.get("benchmarks", []):
         data = bench["stats"]
         per_call = [t * 1e3 / data["iterations"] for t in data["data"]]
-        function = bench["name"].partition("[")[0].removeprefix("test_")
         records.append(
-            {"family": "microbench", "label": bench["name"], "impl": function,
-             "skew": bench.get("param") or "-", "dtype": None, "status": "ok", "reason": None,
-             "time_ms": data["median"] * 1e3 / data["iterations"], "samples_ms": per_call,
-             "repeats": len(per_call), "rel_err": None}
-        )  # fmt: skip
+            micro_record(bench["name"], per_call, data["median"] * 1e3 / data["iterations"])
+        )
     return records
+
+
+def callgrind_missing() -> str | None:
+    """Why instructions cannot be counted here, or None."""
+    import torch
+
+    if shutil.which("valgrind") is None:
+        return "no valgrind on PATH"
+    if not torch._C._valgrind_supported_platform():
+        return "this torch build has no valgrind support"
+    return None
+
+
+def micro_instructions(code: Path, out: Path) -> list[dict]:
+    """Each micro-benchmark's instructions a call (millions) in the tree at `code`, counted
+    by callgrind (callgrind_plugin.py): one call each after a warm-up call."""
+    out.mkdir(parents=True)
+    names = out / "names.json"
+    path = os.pathsep.join(
+        filter(None, [str(code), str(WORKER.parent), os.environ.get("PYTHONPATH")])
+    )
+    cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out / 'callgrind.out'}",
+           "--collect-atstart=no", "--dump-line=no", sys.executable, "-m", "pytest",
+           MICRO_TESTS, "-q", "-o", "addopts=", "-p", "no:cacheprovider", "-p", "no:benchmark",
+           "-p", "callgrind_plugin"]  # fmt: skip
+    env = {**os.environ, **MICRO_ENV, "PYTHONPATH": path, "MOEBENCH_CALLGRIND_NAMES": str(names)}
+    done = subprocess.run(cmd, cwd=code, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise Incomparable(
+            f"counting the micro-benchmarks of {code} failed:\n{done.stdout[-3000:]}"
+        )
+    dumps = sorted(out.glob("callgrind.out.*"), key=lambda p: int(p.suffix[1:]))
+    counts = [int(re.search(r"^summary: (\d+)", p.read_text(), re.M)[1]) / 1e6 for p in dumps]
+    return [
+        micro_record(n, [c], c) for n, c in zip(json.loads(names.read_text()), counts, strict=True)
+    ]
 
 
 def _micro_round(code: Path, report: Path) -> list[dict]:
@@ -257,10 +301,23 @@ def _micro(args, root: Path, rounds: int, out: Path, tmp: Path, rule: dict) -> i
         print(f"regress: micro-benchmarks of {baseline} and of the working tree {root}")
         codes = {"baseline": _checkout(baseline, root, tmp / "baseline-src"), "candidate": root}
         measure_micro(codes, rounds, out)
+        verdict = gate(out / "baseline", out / "candidate", **rule)
+        if reason := callgrind_missing():
+            print(f"regress: instructions not counted: {reason}")
+            return verdict
+        # The second tier: instruction counts, which do not move with the machine's load.
+        env = {"machine": machine_name(), "profile": MICRO, "timer": INSTRUCTIONS}
+        for name, code in codes.items():
+            records = micro_instructions(code, out / "instructions" / name)
+            write_run(out / "instructions" / f"{name}.json", env, records)
+        print("regress: the micro-benchmarks' instructions, counted by callgrind", flush=True)
     except Incomparable as e:
         print(f"gate: INCOMPARABLE: {e}", file=sys.stderr)
         return EXIT_INCOMPARABLE
-    return gate(out / "baseline", out / "candidate", **rule)
+    counted = gate(
+        out / "instructions" / "baseline.json", out / "instructions" / "candidate.json", **rule
+    )
+    return max(verdict, counted)
 
 
 def _cuda_available() -> bool:

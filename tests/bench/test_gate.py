@@ -378,3 +378,22 @@ def test_failing_layer_in_a_real_sweep_is_a_regression(cpu_env):
     comparison = gate.compare(*sides(cpu_env, cand_forward=naive_raising, n_rounds=1))
     assert verdicts(comparison, "naive") == {"FAILED"}, gate.format_table(comparison.points)
     assert comparison.points["reason"].iloc[0] == "failed: RuntimeError: planted failure"
+
+
+def counted(seed, factor=1.0, impl="sorted"):
+    """One count a point, as the micro-benchmarks' callgrind runs give."""
+    env, df = fake_run(seed, cv=1e-4, repeats=1, slow=impl, factor=factor)
+    return {**env, "timer": gate.INSTRUCTIONS}, df
+
+
+def test_instruction_counts_are_judged_by_the_threshold_alone(tmp_path, capsys):
+    # One count a side is no sample for a test; counts do not move with load.
+    comparison = gate.compare(counted(0), counted(1, factor=1.03))
+    assert comparison.counted and verdicts(comparison, "sorted") == {"SLOWER"}
+    assert group(comparison, "impl sorted")["verdict"] == "SLOWER"
+    assert all(verdicts(comparison, impl) == {"same"} for impl in IMPLS if impl != "sorted")
+    assert verdicts(gate.compare(counted(0), counted(1, factor=1.01)), "sorted") == {"same"}
+    code = cli.main(["gate", write(tmp_path / "b.json", counted(0)),
+                     write(tmp_path / "c.json", counted(1, factor=1.03))])  # fmt: skip
+    assert code == gate.EXIT_REGRESSION
+    assert "millions of instructions a call" in capsys.readouterr().out

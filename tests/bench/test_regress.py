@@ -132,3 +132,23 @@ def test_micro_gate_refuses_a_tree_without_micro_benchmarks(repo, monkeypatch, c
     monkeypatch.chdir(repo)
     assert cli.main(["regress", "--micro", "--rounds", "1"]) == gate.EXIT_INCOMPARABLE
     assert "has no tests/test_microbench.py" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(regress.callgrind_missing() is not None, reason="needs valgrind")
+def test_micro_gate_counts_instructions_as_its_second_tier(repo, monkeypatch, capsys):
+    # callgrind makes a call 100-3000x slower: one benchmark, one round (about 2 minutes).
+    (repo / "tests").mkdir()
+    bench = repo / "tests" / "test_microbench.py"
+    bench.write_text(MICRO_BENCH.format(n=2000))
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "a micro-benchmark")
+    bench.write_text(MICRO_BENCH.format(n=2100))  # 5 % more work
+    monkeypatch.chdir(repo)
+    code = cli.main(["regress", "--micro", "--rounds", "1", "--output", str(repo / "out")])
+    out = capsys.readouterr().out
+    assert code == gate.EXIT_REGRESSION, out
+    counts = out.partition("instructions, counted by callgrind")[2]
+    assert "SLOWER impl loop" in counts and "millions of instructions a call" in counts
+    base, cand = (gate.load(repo / "out" / "instructions" / f"{side}.json")[1]["time_ms"][0]
+                  for side in ("baseline", "candidate"))  # fmt: skip
+    assert 1.03 < cand / base < 1.07
