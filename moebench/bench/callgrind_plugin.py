@@ -1,7 +1,7 @@
 """A pytest plugin that counts the instructions of each micro-benchmark under callgrind.
 
-Loaded by `moebench regress --micro` as `-p callgrind_plugin` (this folder on PYTHONPATH
-after the measured tree, so that a baseline without it can load it too) in place of
+Loaded by `moebench regress --micro` as `-p callgrind_plugin` (a copy on PYTHONPATH after
+the measured tree, so that a baseline without it can load it too) in place of
 pytest-benchmark (`-p no:benchmark`), in a pytest that valgrind runs with
 `--tool=callgrind --collect-atstart=no`. Its `benchmark` fixture calls the function once
 to warm up, then once more with callgrind collecting, and dumps the counts (one

@@ -246,9 +246,9 @@ def micro_instructions(code: Path, out: Path) -> list[dict]:
     by callgrind (callgrind_plugin.py): one call each after a warm-up call."""
     out.mkdir(parents=True)
     names = out / "names.json"
-    path = os.pathsep.join(
-        filter(None, [str(code), str(WORKER.parent), os.environ.get("PYTHONPATH")])
-    )
+    # The plugin by itself on the path, after the measured tree: a baseline may lack it.
+    shutil.copy(WORKER.with_name("callgrind_plugin.py"), out)
+    path = os.pathsep.join(filter(None, [str(code), str(out), os.environ.get("PYTHONPATH")]))
     cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out / 'callgrind.out'}",
            "--collect-atstart=no", "--dump-line=no", sys.executable, "-m", "pytest",
            MICRO_TESTS, "-q", "-o", "addopts=", "-p", "no:cacheprovider", "-p", "no:benchmark",
