@@ -490,7 +490,7 @@ def _regress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--baseline", help="git revision, or run file or directory (default: merge base with main)"
     )
-    p.add_argument("--rounds", type=positive_int, help="runs per side, alternated")
+    p.add_argument("--rounds", type=positive_int, help="runs per side, taking turns")
     p.add_argument("--profile", choices=list(grid.PROFILES), help='"gate" (CPU) or "gpu"')
     p.add_argument("--families", type=choices(_family_names(), "family"), help="(the profile's)")
     p.add_argument("--impls", type=impl_list, help="(moebench's own)")

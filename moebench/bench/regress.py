@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -141,9 +142,12 @@ def _checkout(rev: str, root: Path, into: Path) -> Path:
 def measure_sides(sides: dict[str, _Worker], points, impls, skews, rounds: int, out: Path) -> None:
     """Each side's rounds of the points as run files out/<side>/round-<r>.json.
 
-    The sides take turns point by point, the first alternating, so that both measure each
-    point within seconds of each other: a busy spell of a shared machine then hits both
-    instead of deciding the verdict. Correctness is checked in the first round only. Each
+    The sides take turns point by point, which goes first drawn at random, so that both
+    measure each point within seconds of each other: a busy spell of a shared machine then
+    hits both instead of deciding the verdict. Not a fixed alternation: a neighbour running
+    the same alternation (another gate, with a slowdown planted in its candidate) once kept
+    in step with it and made identical code 6 % slower on every point. Correctness is
+    checked in the first round only. Each
     side first measures the first point once, untimed by the gate: a fresh process's first
     calls ran up to 1.7x slower than the same calls a round later.
     """
@@ -151,9 +155,8 @@ def measure_sides(sides: dict[str, _Worker], points, impls, skews, rounds: int, 
         worker_.measure(points[0], impls, skews, check=False)
     for r in range(rounds):
         records = {name: [] for name in sides}
-        for i, pt in enumerate(points):
-            order = list(sides) if (r + i) % 2 == 0 else list(sides)[::-1]
-            for name in order:
+        for pt in points:
+            for name in random.sample(list(sides), len(sides)):
                 records[name] += sides[name].measure(pt, impls, skews, check=r == 0)
         for name, worker_ in sides.items():
             write_run(out / name / f"round-{r}.json", worker_.env, records[name])
@@ -283,10 +286,10 @@ def _micro_round(code: Path, report: Path) -> list[dict]:
 
 def measure_micro(codes: dict[str, Path], rounds: int, out: Path) -> None:
     """Each side's rounds of the micro-benchmarks as out/<side>/round-<r>.json, the sides
-    taking turns, the first alternating."""
+    taking turns, which goes first drawn at random (measure_sides says why)."""
     env = {"machine": machine_name(), "profile": "microbench"}
     for r in range(rounds):
-        for name in list(codes) if r % 2 == 0 else list(codes)[::-1]:
+        for name in random.sample(list(codes), len(codes)):
             records = _micro_round(codes[name], out / f"{name}-{r}.pytest.json")
             write_run(out / name / f"round-{r}.json", env, records)
         print(f"regress: round {r + 1}/{rounds} of the micro-benchmarks measured", flush=True)
