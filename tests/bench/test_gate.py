@@ -356,8 +356,9 @@ def test_planted_slowdown_in_a_real_sweep_is_named(cpu_env):
 
 
 def test_same_code_never_alarms_in_five_real_comparisons(cpu_env):
+    # 4 rounds, as the CPU gate takes: one busy round must not decide a point.
     for _ in range(5):
-        comparison = gate.compare(*sides(cpu_env))
+        comparison = gate.compare(*sides(cpu_env, n_rounds=4))
         assert not comparison.failed, gate.format_table(comparison.points)
 
 
