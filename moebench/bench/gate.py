@@ -71,7 +71,7 @@ EXIT_PASS, EXIT_REGRESSION, EXIT_INCOMPARABLE = 0, 1, 2
 
 # The least slowdown worth failing a commit for, by the runs' profile. On the shared
 # 2-core CPU machine, identical code measured 4 rounds a side showed aggregate ratios
-# within 0.98-1.01 and single rounds of a point 0.84-1.14 (tools/gate_trials.py, README);
+# within 0.98-1.02 and single rounds of a point 0.84-1.14 (tools/gate_trials.py, README);
 # the GPU's figure is to be measured.
 THRESHOLD = {"gate": 0.05, "gpu": 0.02}
 DEFAULT_THRESHOLD = 0.05
