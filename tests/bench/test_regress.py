@@ -109,14 +109,21 @@ def test_loop(benchmark):
 """
 
 
-def test_micro_gate_measures_both_revisions_and_names_the_slower_one(repo, monkeypatch, capsys):
+def micro_repo(repo, monkeypatch, committed: int, working: int):
+    """The repo with a micro-benchmark summing `committed` numbers in its last commit and
+    `working` in its working tree, as the current directory; the benchmark's file."""
     (repo / "tests").mkdir()
     bench = repo / "tests" / "test_microbench.py"
-    bench.write_text(MICRO_BENCH.format(n=2000))
+    bench.write_text(MICRO_BENCH.format(n=committed))
     git(repo, "add", "-A")
     git(repo, "commit", "-q", "-m", "a micro-benchmark")
-    bench.write_text(MICRO_BENCH.format(n=6000))  # the working tree: 3x the work
+    bench.write_text(MICRO_BENCH.format(n=working))
     monkeypatch.chdir(repo)
+    return bench
+
+
+def test_micro_gate_measures_both_revisions_and_names_the_slower_one(repo, monkeypatch, capsys):
+    bench = micro_repo(repo, monkeypatch, 2000, 6000)  # the working tree: 3x the work
     # The times only: the instruction counts have a test of their own (minutes under valgrind).
     monkeypatch.setattr(regress, "callgrind_missing", lambda: "not counted in this test")
     code = cli.main(["regress", "--micro", "--rounds", "2", "--output", str(repo / "out")])
@@ -140,13 +147,7 @@ def test_micro_gate_refuses_a_tree_without_micro_benchmarks(repo, monkeypatch, c
 @pytest.mark.skipif(regress.callgrind_missing() is not None, reason="needs valgrind")
 def test_micro_gate_counts_instructions_as_its_second_tier(repo, monkeypatch, capsys):
     # callgrind makes a call 100-3000x slower: one benchmark, one round (about 2 minutes).
-    (repo / "tests").mkdir()
-    bench = repo / "tests" / "test_microbench.py"
-    bench.write_text(MICRO_BENCH.format(n=2000))
-    git(repo, "add", "-A")
-    git(repo, "commit", "-q", "-m", "a micro-benchmark")
-    bench.write_text(MICRO_BENCH.format(n=2100))  # 5 % more work
-    monkeypatch.chdir(repo)
+    micro_repo(repo, monkeypatch, 2000, 2100)  # 5 % more work
     code = cli.main(["regress", "--micro", "--rounds", "1", "--output", str(repo / "out")])
     out = capsys.readouterr().out
     assert code == gate.EXIT_REGRESSION, out
