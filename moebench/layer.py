@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import registry
+from .quant import QuantizedWeights
 from .routing import Routing
 from .weights import ExpertWeights
 
@@ -28,8 +29,11 @@ def check_inputs(x_TD, routing, weights, out_TD=None) -> None:
         raise TypeError(f"x must be a tensor, got {type(x_TD).__name__}")
     if not isinstance(routing, Routing):
         raise TypeError(f"routing must be a moebench.Routing, got {type(routing).__name__}")
-    if not isinstance(weights, ExpertWeights):
-        raise TypeError(f"weights must be moebench.ExpertWeights, got {type(weights).__name__}")
+    if not isinstance(weights, (ExpertWeights, QuantizedWeights)):
+        raise TypeError(
+            f"weights must be moebench.ExpertWeights or QuantizedWeights, got "
+            f"{type(weights).__name__}"
+        )
     E, D = weights.num_experts, weights.d_model
     if x_TD.dim() != 2 or x_TD.shape[1] != D:
         raise ValueError(f"x must be [T, D={D}], got shape {tuple(x_TD.shape)}")
@@ -42,7 +46,7 @@ def check_inputs(x_TD, routing, weights, out_TD=None) -> None:
         raise ValueError(f"routing picks K={routing.top_k} experts per token, there are E={E}")
     if x_TD.dtype != weights.dtype:
         raise ValueError(f"x is {x_TD.dtype}, weights are {weights.dtype}: they must match")
-    for name, t in (("routing", routing.ids), ("weights", weights.gate_up)):
+    for name, t in (("routing", routing.ids), ("weights", weights)):
         if t.device != x_TD.device:
             raise ValueError(f"x is on {x_TD.device}, {name} on {t.device}: move them together")
     if out_TD is not None:
@@ -89,7 +93,9 @@ def moe_forward(
     """The MoE layer: y[t] = sum_j w[t,j] * expert_{ids[t,j]}(x[t]) + shared(x[t]).
 
     x_TD [T, D] and the weights share dtype and device; returns [T, D] in x's dtype, written
-    into `out` when given. `stats`, a dict, receives what the implementation reports (the
+    into `out` when given. `weights` may be QuantizedWeights (`ExpertWeights.quantize`):
+    the implementation then gets each projection as a moebench.quant.QuantizedTensor.
+    `stats`, a dict, receives what the implementation reports (the
     padded layer's capacity, dropped count and dropped_mask [T, K]). `check=False` skips the
     input checks (and their host sync) for callers that already ran `check_inputs`.
     `options` are the implementation's own (see `impl_options`), e.g. capacity_factor.
@@ -105,7 +111,7 @@ def moe_forward(
         raise TypeError(f"impl {impl!r} has no option {unknown}; its options: {allowed}")
     if check:
         check_inputs(x_TD, routing, weights, out)
-    refusal = spec.refusal(x_TD.device, x_TD.dtype)
+    refusal = spec.refusal(x_TD.device, x_TD.dtype, getattr(weights, "fmt", None))
     if refusal:
         raise ValueError(refusal)
     if out is None:
@@ -128,8 +134,12 @@ def moe_forward(
     return out
 
 
-def reference(x_TD: torch.Tensor, routing: Routing, weights: ExpertWeights) -> torch.Tensor:
-    """The float64 oracle: the naive loop on upcast inputs, returned in float64."""
+def reference(
+    x_TD: torch.Tensor, routing: Routing, weights: ExpertWeights | QuantizedWeights
+) -> torch.Tensor:
+    """The float64 oracle: the naive loop on upcast inputs, returned in float64. For
+    QuantizedWeights, the quantized layer's own semantics: value * scale exactly, and for
+    fp8-block the activations quantized as the layer quantizes them (moebench/quant.py)."""
     return moe_forward(x_TD.double(), routing, weights.to(dtype=torch.float64), impl="naive")
 
 

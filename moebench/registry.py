@@ -34,6 +34,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from .quant import QUANTS
+
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 DEVICES = ("cpu", "cuda")
 ENTRY_POINTS = "moebench.impls"
@@ -62,6 +64,9 @@ class Impl:
     # but orders of magnitude slower, so its times say nothing and the sweep skips them.
     triton: bool = False
     own: bool = False  # moebench's own signature: writes into out_TD, fills stats
+    # The quantized weight formats it takes (moebench.quant.QUANTS), each projection then
+    # a moebench.quant.QuantizedTensor.
+    quant: tuple[str, ...] = ()
 
     @functools.cached_property
     def forward(self) -> Callable:
@@ -85,8 +90,10 @@ class Impl:
             return f"{self.name} needs {', '.join(absent)} (not installed)"
         return None
 
-    def refusal(self, device: torch.device | str, dtype: torch.dtype) -> str | None:
-        """Why it cannot run on this device and dtype, else None."""
+    def refusal(self, device: torch.device | str, dtype: torch.dtype,
+                quant: str | None = None) -> str | None:  # fmt: skip
+        """Why it cannot run on this device and dtype (with weights in this quantized
+        format), else None."""
         kind = torch.device(device).type
         if kind not in self.runs_on():
             where = " or ".join(self.runs_on()) or "no device here"
@@ -95,6 +102,9 @@ class Impl:
         if dtype not in self.dtypes:
             names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
             return f"impl {self.name!r} does not support {dtype}; it takes {names}"
+        if quant is not None and quant not in self.quant:
+            takes = f"it takes {', '.join(self.quant)}" if self.quant else "it takes none"
+            return f"impl {self.name!r} does not take {quant} quantized weights; {takes}"
         return None
 
     def runs_on(self) -> tuple[str, ...]:
@@ -143,7 +153,7 @@ def load(target: str) -> Callable:
 
 def _own(name, dtypes=FLOATS, **kw) -> Impl:
     return Impl(name, f"moebench.impls.{name}:forward", dtypes=dtypes, origin="moebench",
-                own=True, differentiable=True, **kw)  # fmt: skip
+                own=True, differentiable=True, quant=QUANTS, **kw)  # fmt: skip
 
 
 OWN = ("naive", "padded", "sorted", "triton")

@@ -126,6 +126,13 @@ class ExpertWeights:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
+    def quantize(self, fmt: str, block: int = 128):
+        """The routed experts quantized: a moebench.quant.QuantizedWeights in `fmt`
+        ("fp8-block", "int8" or "int4"; see moebench/quant.py), `block` its block size."""
+        from .quant import quantize
+
+        return quantize(self, fmt, block)
+
     def to(self, device=None, dtype=None) -> ExpertWeights:
         """A copy on `device` and/or in `dtype` (a torch dtype or a name such as "bf16")."""
         dtype = None if dtype is None else torch_dtype(dtype)

@@ -3,11 +3,14 @@
 T tokens, D model width, F expert hidden width, E experts, K experts per token,
 S = T*K token-expert pairs. Each expert gathers its tokens, runs its SwiGLU MLP with two
 matmuls and adds the weighted result back with `index_add_`: one launch per expert, which
-is what the other implementations exist to avoid.
+is what the other implementations exist to avoid. Quantized projections are dequantized
+first, and their activations quantized as their format does (moebench/quant.py).
 """
 
 import torch
 import torch.nn.functional as F
+
+from .. import quant
 
 
 def forward(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF, out_TD, stats):
@@ -19,12 +22,14 @@ def forward(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF, out_TD, stats):
     experts = ids_S.unique().tolist()
     # Views of each expert taken in one unbind: its backward stacks the per-expert gradients
     # once, where indexing gate_up[e] would add a full-size zero tensor per expert.
-    gate_up_E, down_E = gate_up_E2FD.unbind(0), down_EDF.unbind(0)
+    gate_up_E = quant.dense(gate_up_E2FD, x_TD.dtype).unbind(0)
+    down_E = quant.dense(down_EDF, x_TD.dtype).unbind(0)
+    xq_TD = quant.activations(x_TD, gate_up_E2FD)
     for e in experts:
         pairs = (ids_S == e).nonzero().squeeze(1)
         tokens = pairs // K
-        gate, up = (x_TD[tokens] @ gate_up_E[e].T).chunk(2, dim=-1)
-        y = (F.silu(gate) * up) @ down_E[e].T
+        gate, up = (xq_TD[tokens] @ gate_up_E[e].T).chunk(2, dim=-1)
+        y = quant.activations(F.silu(gate) * up, down_EDF) @ down_E[e].T
         acc_TD.index_add_(0, tokens, y.to(acc_dtype) * weights_S[pairs, None])
     if stats is not None:
         stats["launches"] = len(experts)

@@ -15,6 +15,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .. import quant
+
 
 def slots(ids_TK: torch.Tensor, num_experts: int):
     """Each pair's row within its expert, in token order, and the per-expert loads."""
@@ -60,10 +62,12 @@ def forward(
     # Dropped pairs go to a spare row E*C that no expert reads, so no host sync is needed.
     row_S = torch.where(keep_S, ids_S * C + slot_S, E * C)
     x_ND = x_TD.new_zeros(E * C + 1, D)
-    x_ND[row_S] = x_TD.repeat_interleave(K, dim=0)
+    x_ND[row_S] = quant.activations(x_TD, gate_up_E2FD).repeat_interleave(K, dim=0)
     x_ECD = x_ND[: E * C].view(E, C, D)
-    gate, up = torch.bmm(x_ECD, gate_up_E2FD.transpose(1, 2)).chunk(2, dim=-1)
-    y_ECD = torch.bmm(F.silu(gate) * up, down_EDF.transpose(1, 2))
+    gate_up, down = (quant.dense(w, x_TD.dtype) for w in (gate_up_E2FD, down_EDF))
+    gate, up = torch.bmm(x_ECD, gate_up.transpose(1, 2)).chunk(2, dim=-1)
+    h_NF = quant.activations((F.silu(gate) * up).view(E * C, -1), down_EDF)
+    y_ECD = torch.bmm(h_NF.view(E, C, -1), down.transpose(1, 2))
 
     acc_dtype = torch.float64 if x_TD.dtype == torch.float64 else torch.float32
     # A dropped pair reads any finite row and weighs it by zero.

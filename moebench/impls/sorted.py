@@ -4,11 +4,15 @@ T tokens, D model width, F expert hidden width, E experts, K experts per token,
 S = T*K token-expert pairs. This is the `sorted` implementation, as in torchtitan's
 GroupedExperts and transformers' grouped_mm path: permute a copy of x into expert order,
 run `grouped_mm` over the per-expert row segments (a per-segment loop where the torch build
-has no grouped GEMM for these operands), unpermute and combine.
+has no grouped GEMM for these operands), unpermute and combine. Quantized projections are
+dequantized whole first (the reference semantics of moebench/quant.py; torch has no
+block-scaled grouped GEMM on every build).
 """
 
 import torch
 import torch.nn.functional as F
+
+from .. import quant
 
 _GROUPED_MM = getattr(F, "grouped_mm", None)
 # CUDA's grouped GEMM refused E=1024 groups ("Can't process more than 1024 groups", torch
@@ -77,11 +81,13 @@ def forward(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF, out_TD, stats):
     ids_S = ids_TK.flatten()
     order_S = torch.argsort(ids_S, stable=True)
     ends_E = torch.bincount(ids_S, minlength=E).cumsum(0)
-    use_grouped = _has_grouped_mm(x_TD, F_, gate_up_E2FD, down_EDF)
+    gate_up, down = (quant.dense(w, x_TD.dtype) for w in (gate_up_E2FD, down_EDF))
+    use_grouped = _has_grouped_mm(x_TD, F_, gate_up, down)
 
-    xs_SD = x_TD[order_S // K]
-    gate, up = _segment_mm(xs_SD, gate_up_E2FD, ends_E, use_grouped).chunk(2, dim=-1)
-    ys_SD = _segment_mm(F.silu(gate) * up, down_EDF, ends_E, use_grouped)
+    xs_SD = quant.activations(x_TD, gate_up_E2FD)[order_S // K]
+    gate, up = _segment_mm(xs_SD, gate_up, ends_E, use_grouped).chunk(2, dim=-1)
+    h_SF = quant.activations(F.silu(gate) * up, down_EDF)
+    ys_SD = _segment_mm(h_SF, down, ends_E, use_grouped)
 
     acc_dtype = torch.float64 if x_TD.dtype == torch.float64 else torch.float32
     y_SD = torch.empty_like(ys_SD, dtype=acc_dtype)
