@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ...quant import QuantizedTensor
 from . import configs, ops, schedule
 from .ops import COMBINES
 
@@ -34,6 +35,27 @@ def check_runnable(x_TD, *, interpreted=configs.INTERPRET):
         )
 
 
+def check_quantized(x_TD, gate_up, needs_grad, compiling):
+    """Refuse what the kernels cannot run over quantized weights: autograd, torch.compile,
+    blocks that the reduction blocks do not divide, fp8 before Ada/Hopper."""
+    if needs_grad or compiling:
+        raise ValueError(
+            "the triton layer runs quantized weights forward only: no autograd or torch.compile"
+        )
+    if gate_up.fmt != "int8" and gate_up.block % QUANT_BLOCK:
+        raise ValueError(
+            f"the triton layer takes {gate_up.fmt} blocks that are multiples of {QUANT_BLOCK} "
+            f"(its deepest reduction block), got {gate_up.block}"
+        )
+    fp8 = gate_up.format.activations
+    if fp8 and x_TD.is_cuda and torch.cuda.get_device_capability(x_TD.device) < (8, 9):
+        raise ValueError("fp8-block needs fp8 tensor cores (sm_89 or later) for the triton layer")
+
+
+# The scales' groups along the reduction must hold whole BLOCK_K blocks (configs.prune).
+QUANT_BLOCK = 128
+
+
 def forward(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF, out_TD, stats, *,
             combine="pairs"):  # fmt: skip
     """y[t] = sum_j weights[t,j] * expert_{ids[t,j]}(x[t]), written into out_TD and returned.
@@ -47,7 +69,8 @@ def forward(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF, out_TD, stats, *,
     `moebench::fused_moe` op and out_TD carries the graph; otherwise the kernels run
     straight into out_TD. stats, when a dict, receives the path, the tile heights (block_m,
     and big_m, 0 for one height), the tile slots, the combine mode and, without autograd,
-    the configs of the last launch of each kernel.
+    the configs of the last launch of each kernel. gate_up_E2FD and down_EDF may be
+    moebench.quant.QuantizedTensor (forward only; see kernels.py).
     """
     if combine not in COMBINES:
         raise ValueError(f"unknown combine {combine!r}; known: {', '.join(COMBINES)}")
@@ -66,8 +89,12 @@ def forward(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF, out_TD, stats, *,
     big_m = configs.big_m_for(path, block_m, t_bucket)
     tall_over = configs.tall_over(path, block_m) if big_m else 0
     differentiable = (x_TD, weights_TK, gate_up_E2FD, down_EDF)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
+    quantized = isinstance(gate_up_E2FD, QuantizedTensor)
+    grads = differentiable[:2] if quantized else differentiable
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in grads)
     compiling = torch.compiler.is_compiling()
+    if quantized:
+        check_quantized(x_TD, gate_up_E2FD, needs_grad, compiling)
     if compiling:
         tiles = schedule.TileSchedule(
             *schedule._tile_schedule_op(ids_TK, E, block_m, big_m, tall_over)
@@ -85,6 +112,14 @@ def forward(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF, out_TD, stats, *,
         y_TD, _ = ops.fused_moe(*differentiable, *tiles, path, block_m, big_m, combine)
         return out_TD.copy_(y_TD)
     sections = ops.plan(tiles, block_m, big_m, path, F2 // 2)
+    if quantized:
+        config = ops.quantized_forward(
+            x_TD, gate_up_E2FD, down_EDF, weights_TK.reshape(-1), tiles, sections, out_TD, K,
+            path, t_bucket, combine,
+        )  # fmt: skip
+        if stats is not None:
+            stats["config"] = config
+        return out_TD
     h_SF, gate_up_config = ops.gate_up_swiglu(
         x_TD, gate_up_E2FD, tiles, sections, K, path, t_bucket
     )

@@ -236,6 +236,8 @@ def prune(kernel):
                 if c.kwargs.get("N_BLOCKS", 1) == 1
                 or (nargs["F"] <= c.kwargs["BLOCK_K"] and kwargs["BLOCK_M"] <= 32)
             ]  # fmt: skip
+        if kwargs.get("GROUP_K"):  # quantized: a reduction block within one scale's group
+            configs = [c for c in configs if kwargs["GROUP_K"] % c.kwargs["BLOCK_K"] == 0]
         accumulators = _ACCUMULATORS[kernel] * kwargs["BLOCK_M"]
         fits = [c for c in configs if accumulators * c.kwargs["BLOCK_N"] <= 128 * 32 * c.num_warps]
         cap = max(16, pow2(nargs["F"]))
@@ -359,6 +361,8 @@ def tuning_bench(bench):
 
 
 _KEY = ["E", "D", "F", "K", "T_BUCKET"]
+# Quantized launches also key on the scales' group, which bounds BLOCK_K (prune).
+_FORWARD_KEY = [*_KEY, "QUANT", "GROUP_K"]
 # Forward tuners by (path, TMA): prefill launches whose tensors TMA can read also time the
 # TMA configs.
 _FORWARD_TUNERS = (("decode", False), ("prefill", False), ("prefill", True))
@@ -367,7 +371,7 @@ _FORWARD_TUNERS = (("decode", False), ("prefill", False), ("prefill", True))
 TUNERS = {
     "gate_up": {
         (p, tma): triton.autotune(
-            forward_configs(p, "gate_up", tma), key=_KEY, do_bench=_bench,
+            forward_configs(p, "gate_up", tma), key=_FORWARD_KEY, do_bench=_bench,
             prune_configs_by={"early_config_prune": prune("gate_up")},
         )(_gate_up_kernel)
         for p, tma in _FORWARD_TUNERS
@@ -375,7 +379,8 @@ TUNERS = {
     # Benchmarking a config adds into y; restoring it keeps the tuned call's result exact.
     "down": {
         (p, tma): triton.autotune(
-            forward_configs(p, "down", tma), key=_KEY, restore_value=["y_ptr"], do_bench=_bench,
+            forward_configs(p, "down", tma), key=_FORWARD_KEY, restore_value=["y_ptr"],
+            do_bench=_bench,
             prune_configs_by={"early_config_prune": prune("down")},
         )(_down_kernel)
         for p, tma in _FORWARD_TUNERS

@@ -2,6 +2,13 @@
 and the combine, and the pair sum. See README.md in this folder for the design.
 
 Inside the kernels: i_ program ids, o_ offsets, m_ masks, p_ pointers, b_ blocks.
+
+Quantized weights (moebench/quant.py), QUANT: 1 int8 (a scale per output row, applied
+once after the reduction), 2 int4 (8 values a 32-bit word along the reduction, a scale per
+row per GROUP_K), 3 fp8-block (a scale per SCALE_N rows per GROUP_K, and fp8 activations
+with a scale per row per GROUP_K). Integer values are converted to the activations' dtype
+(exact) and the dot's fp32 result of one group is scaled, so BLOCK_K divides GROUP_K.
+They read through pointers (no TMA).
 T tokens, D model width, F expert hidden width, E experts, K experts per token,
 S = T*K token-expert pairs.
 """
@@ -23,13 +30,27 @@ def _tile_coords(pid, num_tiles, num_blocks_n, GROUP_SIZE_M: tl.constexpr):
 
 
 @triton.jit
+def _quantized_block(p_w, k, o_k, stride_k, mask, QUANT: tl.constexpr):
+    # The stored weights at reduction rows k + o_k of p_w's columns, [BLOCK_K, BLOCK_N]:
+    # int4 (QUANT 2) unpacked from the words that hold 8 values each (as v + 8, value j of a
+    # word at bits 4j) to its values, the rest as stored.
+    o_r = k + o_k[:, None]
+    if QUANT == 2:
+        words = tl.load(p_w + (o_r // 8) * stride_k, mask=mask, other=0)
+        return ((words >> ((o_r % 8) * 4)) & 0xF) - 8
+    return tl.load(p_w + o_r * stride_k, mask=mask, other=0.0)
+
+
+@triton.jit
 def _gate_up_kernel(
     x_ptr, w_ptr, h_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
     tile_count_ptr, w_desc, D, F, K, E, T_BUCKET, slot0, section,
     stride_xt, stride_xd, stride_we, stride_wf, stride_wd, stride_hs, stride_hf,
+    ws_ptr, as_ptr, stride_wse, stride_wsn, stride_wsk, stride_ast, stride_ask,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr, TMA: tl.constexpr = False, LOOP: tl.constexpr = False,
-    PERSISTENT: tl.constexpr = False,
+    PERSISTENT: tl.constexpr = False, QUANT: tl.constexpr = 0, SCALE_N: tl.constexpr = 1,
+    GROUP_K: tl.constexpr = 0,
 ):  # fmt: skip
     # An item per program, or with LOOP or PERSISTENT every num_programs-th item: (tile,
     # column block) pairs of the section's real tiles, count_2[section] of them. Two call
@@ -44,8 +65,9 @@ def _gate_up_kernel(
             _gate_up_tile(
                 item, num_tiles, num_blocks_n, x_ptr, w_ptr, h_ptr, order_ptr, tile_expert_ptr,
                 tile_start_ptr, tile_end_ptr, w_desc, D, F, K, slot0, stride_xt, stride_xd,
-                stride_we, stride_wf, stride_wd, stride_hs, stride_hf, BLOCK_M, BLOCK_N,
-                BLOCK_K, GROUP_SIZE_M, TMA,
+                stride_we, stride_wf, stride_wd, stride_hs, stride_hf, ws_ptr, as_ptr,
+                stride_wse, stride_wsn, stride_wsk, stride_ast, stride_ask, BLOCK_M, BLOCK_N,
+                BLOCK_K, GROUP_SIZE_M, TMA, QUANT, SCALE_N, GROUP_K,
             )  # fmt: skip
     else:
         if tl.program_id(0) < items:
@@ -53,7 +75,8 @@ def _gate_up_kernel(
                 tl.program_id(0), num_tiles, num_blocks_n, x_ptr, w_ptr, h_ptr, order_ptr,
                 tile_expert_ptr, tile_start_ptr, tile_end_ptr, w_desc, D, F, K, slot0,
                 stride_xt, stride_xd, stride_we, stride_wf, stride_wd, stride_hs, stride_hf,
-                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_SIZE_M, TMA,
+                ws_ptr, as_ptr, stride_wse, stride_wsn, stride_wsk, stride_ast, stride_ask,
+                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_SIZE_M, TMA, QUANT, SCALE_N, GROUP_K,
             )  # fmt: skip
 
 
@@ -62,8 +85,10 @@ def _gate_up_tile(
     item, num_tiles, num_blocks_n, x_ptr, w_ptr, h_ptr, order_ptr, tile_expert_ptr,
     tile_start_ptr, tile_end_ptr, w_desc, D, F, K, slot0,
     stride_xt, stride_xd, stride_we, stride_wf, stride_wd, stride_hs, stride_hf,
+    ws_ptr, as_ptr, stride_wse, stride_wsn, stride_wsk, stride_ast, stride_ask,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_SIZE_M: tl.constexpr, TMA: tl.constexpr,
+    GROUP_SIZE_M: tl.constexpr, TMA: tl.constexpr, QUANT: tl.constexpr, SCALE_N: tl.constexpr,
+    GROUP_K: tl.constexpr,
 ):  # fmt: skip
     # TMA: the weights come through w_desc, gate_up as [E * 2F, D] in [BLOCK_N, BLOCK_K]
     # boxes (rows past an expert's gate or up half belong to the next half or expert: their
@@ -86,22 +111,52 @@ def _gate_up_tile(
     b_gate = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
     b_up = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
     w_row = (i_e * 2 * F + i_n * BLOCK_N).to(tl.int32)  # TMA coordinates are 32-bit
+    # Quantized: the weights' base pointers [1, BLOCK_N] (the reduction offset is k's), the
+    # gate's and up's scales of these columns, and x's scales of these rows (fp8).
+    if QUANT:
+        p_wq = w_ptr + i_e * stride_we + o_n[None, :] * stride_wf
+        p_sg = ws_ptr + i_e * stride_wse + (o_n // SCALE_N) * stride_wsn
+        p_su = ws_ptr + i_e * stride_wse + ((o_n + F) // SCALE_N) * stride_wsn
+        if QUANT == 3:
+            p_sx = as_ptr + o_t * stride_ast
     for k in range(0, D, BLOCK_K):
         m_k = o_k < D - k
         b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0)
-        if TMA:
-            b_wg = w_desc.load([w_row, k]).T
-            b_wu = w_desc.load([w_row + F, k]).T
+        if QUANT:
+            m_w = m_k[:, None] & m_n[None, :]
+            b_wg = _quantized_block(p_wq, k, o_k, stride_wd, m_w, QUANT).to(b_x.dtype)
+            b_wu = _quantized_block(p_wq + F * stride_wf, k, o_k, stride_wd, m_w, QUANT)
+            b_wu = b_wu.to(b_x.dtype)
+            if QUANT == 1:  # one scale a row: after the reduction
+                b_gate += tl.dot(b_x, b_wg, input_precision="ieee")
+                b_up += tl.dot(b_x, b_wu, input_precision="ieee")
+            else:
+                i_s = k // GROUP_K  # the scales' group
+                b_sg = tl.load(p_sg + i_s * stride_wsk, mask=m_n, other=0.0)[None, :]
+                b_su = tl.load(p_su + i_s * stride_wsk, mask=m_n, other=0.0)[None, :]
+                if QUANT == 3:
+                    b_sx = tl.load(p_sx + i_s * stride_ask, mask=m_m, other=0.0)[:, None]
+                    b_sg = b_sg * b_sx
+                    b_su = b_su * b_sx
+                b_gate += tl.dot(b_x, b_wg, input_precision="ieee") * b_sg
+                b_up += tl.dot(b_x, b_wu, input_precision="ieee") * b_su
         else:
-            b_wg = tl.load(p_gate, mask=m_k[:, None] & m_n[None, :], other=0.0)
-            b_wu = tl.load(p_up, mask=m_k[:, None] & m_n[None, :], other=0.0)
-        # "ieee" keeps fp32 inputs exact (no TF32); it does not affect fp16/bf16 inputs.
-        b_gate += tl.dot(b_x, b_wg, input_precision="ieee")
-        b_up += tl.dot(b_x, b_wu, input_precision="ieee")
+            if TMA:
+                b_wg = w_desc.load([w_row, k]).T
+                b_wu = w_desc.load([w_row + F, k]).T
+            else:
+                b_wg = tl.load(p_gate, mask=m_k[:, None] & m_n[None, :], other=0.0)
+                b_wu = tl.load(p_up, mask=m_k[:, None] & m_n[None, :], other=0.0)
+            # "ieee" keeps fp32 inputs exact (no TF32); it does not affect fp16/bf16 inputs.
+            b_gate += tl.dot(b_x, b_wg, input_precision="ieee")
+            b_up += tl.dot(b_x, b_wu, input_precision="ieee")
         p_x += BLOCK_K * stride_xd
         p_gate += BLOCK_K * stride_wd
         p_up += BLOCK_K * stride_wd
 
+    if QUANT == 1:
+        b_gate *= tl.load(p_sg, mask=m_n, other=0.0)[None, :]
+        b_up *= tl.load(p_su, mask=m_n, other=0.0)[None, :]
     b_h = b_gate / (1.0 + tl.exp(-b_gate)) * b_up
     p_h = h_ptr + o_m[:, None] * stride_hs + o_n[None, :] * stride_hf
     tl.store(p_h, b_h.to(h_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
@@ -112,10 +167,12 @@ def _down_kernel(
     h_ptr, w_ptr, y_ptr, order_ptr, routing_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
     tile_count_ptr, h_desc, w_desc, D, F, K, E, T_BUCKET, slot0, section,
     stride_hs, stride_hf, stride_we, stride_wd, stride_wf, stride_yr, stride_yd,
+    ws_ptr, as_ptr, stride_wse, stride_wsn, stride_wsk, stride_ast, stride_ask,
     WEIGHTED: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
     TMA: tl.constexpr = False, N_BLOCKS: tl.constexpr = 1, LOOP: tl.constexpr = False,
-    PERSISTENT: tl.constexpr = False,
+    PERSISTENT: tl.constexpr = False, QUANT: tl.constexpr = 0, SCALE_N: tl.constexpr = 1,
+    GROUP_K: tl.constexpr = 0,
 ):  # fmt: skip
     # Items as in _gate_up_kernel: (tile, group of N_BLOCKS column blocks) pairs.
     num_tiles = tl.load(tile_count_ptr + section).to(tl.int32)
@@ -127,7 +184,9 @@ def _down_kernel(
                 item, num_tiles, num_groups_n, h_ptr, w_ptr, y_ptr, order_ptr, routing_ptr,
                 tile_expert_ptr, tile_start_ptr, tile_end_ptr, h_desc, w_desc, D, F, K, slot0,
                 stride_hs, stride_hf, stride_we, stride_wd, stride_wf, stride_yr, stride_yd,
-                WEIGHTED, ATOMIC, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_SIZE_M, TMA, N_BLOCKS,
+                ws_ptr, as_ptr, stride_wse, stride_wsn, stride_wsk, stride_ast, stride_ask,
+                WEIGHTED, ATOMIC, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_SIZE_M, TMA, N_BLOCKS, QUANT,
+                SCALE_N, GROUP_K,
             )  # fmt: skip
     else:
         if tl.program_id(0) < items:
@@ -135,8 +194,9 @@ def _down_kernel(
                 tl.program_id(0), num_tiles, num_groups_n, h_ptr, w_ptr, y_ptr, order_ptr,
                 routing_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr, h_desc, w_desc, D,
                 F, K, slot0, stride_hs, stride_hf, stride_we, stride_wd, stride_wf, stride_yr,
-                stride_yd, WEIGHTED, ATOMIC, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_SIZE_M, TMA,
-                N_BLOCKS,
+                stride_yd, ws_ptr, as_ptr, stride_wse, stride_wsn, stride_wsk, stride_ast,
+                stride_ask, WEIGHTED, ATOMIC, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_SIZE_M, TMA,
+                N_BLOCKS, QUANT, SCALE_N, GROUP_K,
             )  # fmt: skip
 
 
@@ -145,9 +205,11 @@ def _down_tile(
     item, num_tiles, num_groups_n, h_ptr, w_ptr, y_ptr, order_ptr, routing_ptr,
     tile_expert_ptr, tile_start_ptr, tile_end_ptr, h_desc, w_desc, D, F, K, slot0,
     stride_hs, stride_hf, stride_we, stride_wd, stride_wf, stride_yr, stride_yd,
+    ws_ptr, as_ptr, stride_wse, stride_wsn, stride_wsk, stride_ast, stride_ask,
     WEIGHTED: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
-    TMA: tl.constexpr, N_BLOCKS: tl.constexpr,
+    TMA: tl.constexpr, N_BLOCKS: tl.constexpr, QUANT: tl.constexpr, SCALE_N: tl.constexpr,
+    GROUP_K: tl.constexpr,
 ):  # fmt: skip
     # TMA: h through h_desc ([S, F], [BLOCK_M, BLOCK_K] boxes at the tile's first row: rows
     # past the tile are other experts' rows, computed and not stored) and the weights
@@ -170,18 +232,39 @@ def _down_tile(
         p_w = w_ptr + i_e * stride_we + o_n[None, :] * stride_wd + o_k[:, None] * stride_wf
         b_y = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
         w_row = (i_e * D + i_n * BLOCK_N).to(tl.int32)  # TMA coordinates are 32-bit
+        # Quantized: as in _gate_up_tile, h's scales by sorted row.
+        if QUANT:
+            p_wq = w_ptr + i_e * stride_we + o_n[None, :] * stride_wd
+            p_sw = ws_ptr + i_e * stride_wse + (o_n // SCALE_N) * stride_wsn
         for k in range(0, F, BLOCK_K):
-            if TMA:
+            if QUANT:
+                m_k = o_k < F - k
+                b_h = tl.load(p_h, mask=m_m[:, None] & m_k[None, :], other=0.0)
+                m_w = m_k[:, None] & m_n[None, :]
+                b_w = _quantized_block(p_wq, k, o_k, stride_wf, m_w, QUANT).to(b_h.dtype)
+                if QUANT == 1:
+                    b_y += tl.dot(b_h, b_w, input_precision="ieee")
+                else:
+                    i_s = k // GROUP_K  # the scales' group
+                    b_s = tl.load(p_sw + i_s * stride_wsk, mask=m_n, other=0.0)[None, :]
+                    if QUANT == 3:
+                        p_sh = as_ptr + o_m * stride_ast + i_s * stride_ask
+                        b_s = b_s * tl.load(p_sh, mask=m_m, other=0.0)[:, None]
+                    b_y += tl.dot(b_h, b_w, input_precision="ieee") * b_s
+            elif TMA:
                 b_h = h_desc.load([row_start.to(tl.int32), k])
                 b_w = w_desc.load([w_row, k]).T
             else:
                 m_k = o_k < F - k
                 b_h = tl.load(p_h, mask=m_m[:, None] & m_k[None, :], other=0.0)
                 b_w = tl.load(p_w, mask=m_k[:, None] & m_n[None, :], other=0.0)
-            b_y += tl.dot(b_h, b_w, input_precision="ieee")
+            if not QUANT:
+                b_y += tl.dot(b_h, b_w, input_precision="ieee")
             p_h += BLOCK_K * stride_hf
             p_w += BLOCK_K * stride_wf
 
+        if QUANT == 1:
+            b_y *= tl.load(p_sw, mask=m_n, other=0.0)[None, :]
         if WEIGHTED:
             b_y *= tl.load(routing_ptr + o_p, mask=m_m, other=0.0).to(tl.float32)[:, None]
         m_y = m_m[:, None] & m_n[None, :]

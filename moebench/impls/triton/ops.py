@@ -11,36 +11,78 @@ S = T*K token-expert pairs, N tile slots.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
+from ...quant import QuantizedTensor, quantize_activations
 from . import configs, launch
 from .kernels import _down_kernel, _gate_up_kernel, _pair_sum_kernel
 from .schedule import TileSchedule, big_slots
 
+# -- Quantized weights --------------------------------------------------------------------
+
+# The kernels' QUANT by format (kernels.py).
+QUANT_CODES = {"int8": 1, "int4": 2, "fp8-block": 3}
+
+
+class Quant(NamedTuple):
+    """What a launch over quantized weights adds: the weights' scales [E, N / SCALE_N,
+    K / columns], the activations' [rows, K / GROUP_K] (fp8) or None, the kernels'
+    constexprs, and the values a stored weight element packs (8 for int4)."""
+
+    w_scale: object
+    a_scale: object
+    meta: dict
+    per_element: int
+
+    def args(self) -> tuple:
+        a_strides = (0, 0) if self.a_scale is None else self.a_scale.stride()
+        return (self.w_scale, self.a_scale, *self.w_scale.stride(), *a_strides)
+
+
+_NO_QUANT = (None, None, 0, 0, 0, 0, 0)  # Quant.args() of float weights
+
+
+def quant_for(w: QuantizedTensor, a_scale=None) -> Quant:
+    """The Quant of projection `w`, with the activations' scales where its format has them."""
+    rows, cols = w.format.scale_block(w.block, w.shape[2])
+    code = QUANT_CODES[w.fmt]
+    meta = {"QUANT": code, "SCALE_N": rows, "GROUP_K": 0 if code == 1 else cols}
+    return Quant(w.scale, a_scale, meta, w.format.per_element)
+
+
 # -- Argument builders --------------------------------------------------------------------
 
 
-def gate_up_args(x_TD, gate_up_E2FD, h_SF, schedule, w_desc, *, top_k, t_bucket, slot0, count):
-    """_gate_up_kernel's positional arguments: x [T, D], gate_up [E, 2F, D], h [S, F], the
-    schedule's tensors, the weights' TMA descriptor (or None), sizes, the section."""
+def gate_up_args(x_TD, gate_up_E2FD, h_SF, schedule, w_desc, *, top_k, t_bucket, slot0, count,
+                 quant=None):  # fmt: skip
+    """_gate_up_kernel's positional arguments: x [T, D], gate_up [E, 2F, D] (or its stored
+    values, with `quant`), h [S, F], the schedule's tensors, the weights' TMA descriptor (or
+    None), sizes, the section, the Quant's arguments."""
     E, F2, D = gate_up_E2FD.shape
+    D *= quant.per_element if quant else 1
     return (
         x_TD, gate_up_E2FD, h_SF, schedule.order_S, schedule.expert_N, schedule.start_N,
         schedule.end_N, schedule.count_2, w_desc, D, F2 // 2, top_k, E, t_bucket, slot0, count,
         *x_TD.stride(), *gate_up_E2FD.stride(), *h_SF.stride(),
+        *(quant.args() if quant else _NO_QUANT),
     )  # fmt: skip
 
 
 def down_args(h_SF, down_EDF, y, weights_S, schedule, h_desc, w_desc, *, top_k, t_bucket,
-              slot0, count):  # fmt: skip
-    """_down_kernel's positional arguments: h [S, F], down [E, D, F], y ([S, D] pairs or
-    [T, D]), the routing weights [S] (or None), the schedule's tensors, the TMA descriptors
-    of h and the weights (or None), sizes, the section."""
+              slot0, count, quant=None):  # fmt: skip
+    """_down_kernel's positional arguments: h [S, F], down [E, D, F] (or its stored values,
+    with `quant`), y ([S, D] pairs or [T, D]), the routing weights [S] (or None), the
+    schedule's tensors, the TMA descriptors of h and the weights (or None), sizes, the
+    section, the Quant's arguments."""
     E, D, F = down_EDF.shape
+    F *= quant.per_element if quant else 1
     return (
         h_SF, down_EDF, y, schedule.order_S, weights_S, schedule.expert_N, schedule.start_N,
         schedule.end_N, schedule.count_2, h_desc, w_desc, D, F, top_k, E, t_bucket, slot0,
         count, *h_SF.stride(), *down_EDF.stride(), *y.stride(),
+        *(quant.args() if quant else _NO_QUANT),
     )  # fmt: skip
 
 
@@ -93,17 +135,20 @@ def _descriptors(**tensors):
     return {} if None in descs.values() else descs
 
 
-def gate_up_swiglu(x_TD, gate_up_E2FD, schedule, sections, top_k, path, t_bucket):
-    """h_SF = silu(gate[e] @ x[t]) * (up[e] @ x[t]) for every sorted row; [S, F], x's dtype.
+def gate_up_swiglu(x_TD, gate_up_E2FD, schedule, sections, top_k, path, t_bucket,
+                   quant=None, h_dtype=None):  # fmt: skip
+    """h_SF = silu(gate[e] @ x[t]) * (up[e] @ x[t]) for every sorted row; [S, F], in x's
+    dtype or h_dtype. With `quant` (a Quant), gate_up_E2FD holds the stored values and
+    x_TD, for fp8-block, x's fp8 values.
 
     Returns h_SF and the config of the last section's launch.
     """
-    E, F2, D = gate_up_E2FD.shape
-    assert F2 % 2 == 0 and x_TD.shape[1] == D, "gate_up must be [E, 2F, D] with x [T, D]"
+    E, F2, _ = gate_up_E2FD.shape
+    D = x_TD.shape[1]
     F = F2 // 2
-    h_SF = x_TD.new_empty(schedule.order_S.numel(), F)
+    h_SF = x_TD.new_empty(schedule.order_S.numel(), F, dtype=h_dtype or x_TD.dtype)
     descs = {}
-    if path == "prefill" and gate_up_E2FD.is_contiguous():
+    if path == "prefill" and gate_up_E2FD.is_contiguous() and not quant:
         descs = _descriptors(w_desc=gate_up_E2FD.view(E * F2, D))
     tuner = configs.TUNERS["gate_up"][path, bool(descs)]
     config = None
@@ -112,10 +157,11 @@ def gate_up_swiglu(x_TD, gate_up_E2FD, schedule, sections, top_k, path, t_bucket
         d = descs if section.fixed is None or section.fixed[_gate_up_kernel].get("TMA") else {}
         args = gate_up_args(
             x_TD, gate_up_E2FD, h_SF, schedule, d.get("w_desc"), top_k=top_k, t_bucket=t_bucket,
-            slot0=section.slot0, count=section.count,
+            slot0=section.slot0, count=section.count, quant=quant,
         )  # fmt: skip
         key = (E, D, F, top_k, t_bucket, x_TD.dtype, gate_up_E2FD.dtype)
-        config = launch._tile_launch(tuner, section, F, args, key, d)
+        meta = quant.meta if quant else {}
+        config = launch._tile_launch(tuner, section, F, args, key, d, **meta)
     return h_SF, config
 
 
@@ -129,13 +175,15 @@ def combine_mode(top_k, combine):
 
 
 def down_combine(h_SF, down_EDF, weights_S, schedule, sections, out_TD, top_k, path, t_bucket,
-                 combine):  # fmt: skip
+                 combine, quant=None):  # fmt: skip
     """out[t] = sum_j weights[t*K + j] * down[e] @ h[row of (t, j)]; writes every element of out.
 
     weights_S None means unweighted (the input gradient through the transposed gate_up).
-    Returns the combine mode and the config of the last section's launch.
+    With `quant` (a Quant), down_EDF holds the stored values and h_SF, for fp8-block, h's
+    fp8 values. Returns the combine mode and the config of the last section's launch.
     """
-    E, D, F = down_EDF.shape
+    E, D, _ = down_EDF.shape
+    F = h_SF.shape[1]
     T, S = out_TD.shape[0], h_SF.shape[0]
     assert T * top_k == S and h_SF.shape[1] == F and out_TD.shape[1] == D, "shapes disagree"
     combine = combine_mode(top_k, combine)
@@ -148,7 +196,7 @@ def down_combine(h_SF, down_EDF, weights_S, schedule, sections, out_TD, top_k, p
     else:
         y = out_TD.new_zeros(T, D, dtype=torch.float32)
     descs = {}
-    if path == "prefill" and down_EDF.is_contiguous():  # dx's transposed gate_up is not
+    if path == "prefill" and down_EDF.is_contiguous() and not quant:  # dx's gate_up.T is not
         descs = _descriptors(h_desc=h_SF, w_desc=down_EDF.view(E * D, F))
     tuner = configs.TUNERS["down"][path, bool(descs)]
     config = None
@@ -159,16 +207,38 @@ def down_combine(h_SF, down_EDF, weights_S, schedule, sections, out_TD, top_k, p
         args = down_args(
             h_SF, down_EDF, y, weights_S, schedule, d.get("h_desc"), d.get("w_desc"),
             top_k=top_k, t_bucket=t_bucket, slot0=section.slot0, count=section.count,
+            quant=quant,
         )  # fmt: skip
-        key = (E, D, F, top_k, t_bucket, h_SF.dtype, y.dtype, weighted and weights_S.dtype)
+        key = (E, D, F, top_k, t_bucket, h_SF.dtype, y.dtype, weighted and weights_S.dtype,
+               down_EDF.dtype)  # fmt: skip
+        meta = quant.meta if quant else {}
         config = launch._tile_launch(
-            tuner, section, D, args, key, d, WEIGHTED=weighted, ATOMIC=combine == "atomic"
+            tuner, section, D, args, key, d, WEIGHTED=weighted, ATOMIC=combine == "atomic", **meta
         )
     if combine == "store-pairs":
         pair_sum(y, out_TD, top_k)
     elif y is not out_TD:
         out_TD.copy_(y)
     return combine, config
+
+
+def quantized_forward(x_TD, gate_up, down, weights_S, schedule, sections, out_TD, top_k,
+                      path, t_bucket, combine):  # fmt: skip
+    """The forward over QuantizedTensor projections: the kernels read the stored values and
+    their scales; fp8-block's activations (x, then h) are quantized first, a scale per row
+    per block. Returns the configs of the last launches by kernel."""
+    fp8 = gate_up.format.activations
+    x_in, x_scale = quantize_activations(x_TD, gate_up.block) if fp8 else (x_TD, None)
+    h_SF, gate_up_config = gate_up_swiglu(
+        x_in, gate_up.data, schedule, sections, top_k, path, t_bucket,
+        quant_for(gate_up, x_scale), h_dtype=x_TD.dtype,
+    )  # fmt: skip
+    h_in, h_scale = quantize_activations(h_SF, down.block) if fp8 else (h_SF, None)
+    _, down_config = down_combine(
+        h_in, down.data, weights_S, schedule, sections, out_TD, top_k, path, t_bucket, combine,
+        quant_for(down, h_scale),
+    )  # fmt: skip
+    return {"gate_up": gate_up_config, "down": down_config}
 
 
 def pair_sum(y_SD, out_TD, top_k):
