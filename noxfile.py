@@ -115,7 +115,7 @@ def targets(session: nox.Session) -> None:
     profile, machine = _where(session, os.environ.get("MOEBENCH_PROFILE"))
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     run = os.path.abspath(f"results/{profile}-{machine}/run-{stamp}.json")
-    families = "sonicmoe,scale-out,iso-params,models"
+    families = "sonicmoe,scale-out,iso-params,models,quant"
     session.run("python", "-m", "moebench", "sweep", "--profile", profile, "--output", run,
                 "--families", families, "--impls", "sorted,triton", *session.posargs)  # fmt: skip
     session.run("python", "-m", "moebench", "report", run)

@@ -16,6 +16,7 @@ this module imports torch but never initializes CUDA.
 
 import pathlib
 
+from moebench import registry
 from moebench.bench import asv, grid
 from moebench.bench.environment import HARNESS_VERSION
 
@@ -88,7 +89,23 @@ class _Dropped(_Sweep):
     track_dropped_fraction.unit = "fraction of pairs"
 
 
+class _BytesRead(_Sweep):
+    metrics = ("min_bytes", "time_ms")
+
+    def track_bytes_read(self, records, point, impl, skew):
+        return self.record["min_bytes"]
+
+    track_bytes_read.unit = "bytes"
+
+    def track_read_GBps(self, records, point, impl, skew):
+        return self.record["min_bytes"] / self.record["time_ms"] / 1e6
+
+    track_read_GBps.unit = "GB/s (bytes read / time)"
+
+
 UNBALANCED = [s for s in grid.SKEWS if s != "balanced"]
+# The impls that take quantized weights (the peers take none).
+QUANT_IMPLS = [i for i in grid.default_impls(PROFILE) if registry.get(i).quant]
 
 
 class ScaleOut(_Time):
@@ -144,6 +161,18 @@ class SonicMoE(_Time):
 class SonicMoEImbalance(_Imbalance):
     family = "sonicmoe"
     params = _params(family, skews=UNBALANCED)
+
+
+# Quantized experts (point "deepseek-v3/T=64/int4"): time and peak memory, and the bytes
+# read (min_bytes: the touched experts' values and scales) with their rate.
+class Quant(_Time):
+    family = grid.QUANT
+    params = _params(family, impls=QUANT_IMPLS)
+
+
+class QuantBytesRead(_BytesRead):
+    family = grid.QUANT
+    params = _params(family, impls=QUANT_IMPLS)
 
 
 # Forward + backward suites, for the families the profile times that way (all on gpu,

@@ -150,7 +150,7 @@ def positive_ints(text: str) -> list[int]:
 
 
 def _family_names() -> tuple[str, ...]:
-    return (*grid.FAMILIES, *(f + grid.TRAIN for f in grid.FAMILIES), grid.EP)
+    return (*grid.FAMILIES, *(f + grid.TRAIN for f in grid.FAMILIES), grid.QUANT, grid.EP)
 
 
 # --- compare: one shape, a table ----------------------------------------------------------

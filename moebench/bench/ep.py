@@ -157,7 +157,7 @@ def _rank_sweep(points, impls, skews, p: grid.Profile, check: bool) -> dict:
     with torch_threads(p.threads):
         calibration = _calibrate(device)
         for pt in points:
-            inputs, reason = point_inputs(pt, device, dtype)
+            inputs, reason = point_inputs(pt, device, dtype, p.quant_block)
             # Memory differs between ranks: all of them skip where any one cannot.
             reason = _first(reason)
             for skew in skews:
@@ -190,7 +190,7 @@ def _first(reason: str | None) -> str | None:
 def _measure(pt, impl, inputs, routing, p: grid.Profile) -> dict:
     """One rank's samples of one point x skew x impl; {"skip": reason} where it failed."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    weights, x_all = inputs
+    weights, x_all, _ = inputs
     start, stop = parallel.token_blocks(pt.T, world)[rank]
     x_TD = x_all[start:stop]
     mine = Routing(routing.ids[start:stop], routing.weights[start:stop])

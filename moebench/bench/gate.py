@@ -194,11 +194,12 @@ def _points(df: pd.DataFrame, side: str) -> pd.DataFrame:
     df = df.assign(
         reason=reason,
         samples_ms=samples,
+        quant=df.get("quant", absent),  # the weights' format: its error has its tolerance
         _rank=np.where(_failed(reason), 0, 1) + df["status"].eq("ok"),
     )
     worst = df.sort_values(["_rank", "round"], kind="stable").drop_duplicates(KEY)
     ok = df[df["status"].eq("ok")].sort_values("round", kind="stable").groupby(KEY, dropna=False)
-    out = worst[[*KEY, "status", "reason"]].set_index(KEY)
+    out = worst[[*KEY, "status", "reason", "quant"]].set_index(KEY)
     out["time_ms"] = ok["time_ms"].median()
     out["rel_err"] = df.groupby(KEY, dropna=False)["rel_err"].max()
     # Per round, in order: (median, raw repeats).
@@ -335,7 +336,16 @@ def compare(
     slower = (counted | (q_slower <= fdr)) & (estimate > limit)
     faster = (counted | (q_faster <= fdr)) & (estimate < -limit)
 
-    tol = df["dtype"].map(tolerance, na_action="ignore")  # a micro-benchmark has no dtype
+    quant = df["quant_base"].where(df["quant_base"].notna(), df["quant_cand"])
+    tol = pd.Series(
+        [
+            tolerance(dtype, q if isinstance(q, str) else None)
+            if isinstance(dtype, str)
+            else math.nan  # a micro-benchmark has no dtype
+            for dtype, q in zip(df["dtype"], quant, strict=True)
+        ],
+        index=df.index,
+    )
     err_limit = tol.where(~(df["rel_err_base"] > tol), 2 * df["rel_err_base"])
     verdict = np.select(
         [

@@ -8,10 +8,13 @@ A profile fixes the device, dtype, the family shapes and the timing budget:
 - `tiny`: a few points of each family, for tests and the CI smoke run;
 - `gate`: the CPU regression gate's few points of the cpu profile (gate_grid);
 - `cli`: what `moebench compare` measures with, built for its device (device_profile).
+The `quant` family is the models and sonicmoe points again, once per quantized weight
+format (moebench.quant.QUANTS), forward only: quantized weights are for inference.
 The profile is named explicitly or by the MOEBENCH_PROFILE environment variable, and
 defaults to `gpu` where CUDA is available, else `cpu`.
 
-D model width, F expert hidden width, E experts, K experts per token, T tokens.
+D model width, F expert hidden width, E experts, K experts per token, T tokens, B the
+quantization block (group) size.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 
 from .. import registry
 from ..config import PRESETS, MoEConfig, torch_dtype
+from ..quant import QUANTS
 from ..registry import OWN
 
 FAMILIES = ("scale-out", "iso-params", "models", "sonicmoe")
@@ -32,6 +36,9 @@ EP = "ep"
 # A family name with this suffix times forward + backward (a training step's layer work)
 # on the same points: useful FLOPs are three times the forward's.
 TRAIN = "+bwd"
+# The quantized-experts family: each models and sonicmoe point in each format of QUANTS,
+# labelled "<point>/<format>" ("deepseek-v3/T=64/int4"); inference only, never + TRAIN.
+QUANT = "quant"
 SKEWS = ("balanced", "random", "zipf:1.2", "hot:0.5", "collapse")
 # moebench's own layers: what the gate and the regression runs measure by default.
 IMPLS = OWN
@@ -82,6 +89,10 @@ class Profile:
     # Group-limited points: each token's experts on at most M ranks (make_routing's
     # n_group=W, topk_group=M), where W divides E and M ranks hold K experts.
     ep_group_limits: tuple[int, ...] = ()
+    # The quant family: B, the block (group) size of its formats, and the models family's
+    # token counts it takes (None: all of model_tokens).
+    quant_block: int = 128
+    quant_tokens: tuple[int, ...] | None = None
 
     def experts(self) -> list[int]:
         return [2**i for i in range(3, self.max_experts.bit_length())]
@@ -117,6 +128,7 @@ PROFILES = {
             ep_shape=(4096, 1024, 8, 4096),
             ep_impls=("sorted", "triton"),
             ep_group_limits=(2,),
+            quant_block=128,  # DeepSeek-V3's fp8 blocks, compressed-tensors' usual group
         ),
         Profile(
             name="cpu",
@@ -146,6 +158,13 @@ PROFILES = {
             ep_experts=(8, 64),
             ep_shape=(256, 128, 8, 256),
             ep_group_limits=(1,),
+            # 128 divides none of the presets shrunk by 16 (deepseek-v3 D=448, qwen3 F=96,
+            # llama4 D=320); 32 divides them all, not sonicmoe's E=256 shape (F=16).
+            quant_block=32,
+            # naive, padded and sorted dequantize every expert's weights on each call (the
+            # reference semantics): 2-3 s a call at deepseek-v3 and llama4 here, whatever T,
+            # so the cpu sweep takes one decode and one prefill token count.
+            quant_tokens=(1, 256),
         ),
         Profile(
             name="tiny",
@@ -170,6 +189,9 @@ PROFILES = {
             ep_experts=(8,),
             ep_shape=(32, 16, 4, 32),
             ep_group_limits=(1,),
+            # divides the presets shrunk by 64 (deepseek-v3 D=112, qwen3 F=24, llama4 D=80),
+            # not sonicmoe's E=256 shape (F=4)
+            quant_block=8,
         ),
     )
 }
@@ -239,6 +261,7 @@ class Point:
     T: int  # all ranks' tokens in the ep family
     world: int = 1  # ranks (the ep family)
     group_limit: int | None = None  # at most this many ranks per token (the ep family)
+    quant: str | None = None  # the experts' weight format (the quant family)
 
 
 def shrink(cfg: MoEConfig, factor: int, dtype: str) -> MoEConfig:
@@ -255,10 +278,10 @@ def shrink(cfg: MoEConfig, factor: int, dtype: str) -> MoEConfig:
 
 
 def families(profile: str | Profile | None = None) -> tuple[str, ...]:
-    """The forward families, the profile's forward + backward ones, then ep where the
-    profile has one."""
+    """The forward families, the profile's forward + backward ones, quant, then ep where
+    the profile has one."""
     p = get_profile(profile)
-    return FAMILIES + p.train_families + ((EP,) if p.ep_worlds else ())
+    return FAMILIES + p.train_families + (QUANT,) + ((EP,) if p.ep_worlds else ())
 
 
 def points(family: str, profile: str | Profile | None = None) -> list[Point]:
@@ -319,7 +342,26 @@ def points(family: str, profile: str | Profile | None = None) -> list[Point]:
             Point(family, f"E={c.num_experts}/F={c.d_ff}/K={c.top_k}", c, 8 * p.tokens)
             for c in cfgs
         ]
-    raise ValueError(f"unknown family {family!r}; known: {', '.join((*FAMILIES, EP))}")
+    if family == QUANT:
+        return quant_points(p)
+    raise ValueError(f"unknown family {family!r}; known: {', '.join((*FAMILIES, QUANT, EP))}")
+
+
+def quant_points(p: Profile) -> list[Point]:
+    """The quant family: the models points at quant_tokens and the sonicmoe points, each in
+    every format of QUANTS. Points whose D or F the profile's block B does not divide are
+    left out for every format (fp8-block's BxB blocks and int4's 1xB groups cover whole
+    rows and columns of both projections; int8 alone would run), so that the formats
+    compare on the same points."""
+    tokens = p.model_tokens if p.quant_tokens is None else p.quant_tokens
+    base = [pt for pt in points("models", p) if pt.T in tokens] + points("sonicmoe", p)
+    B = p.quant_block
+    return [
+        dataclasses.replace(pt, family=QUANT, label=f"{pt.label}/{fmt}", quant=fmt)
+        for pt in base
+        if pt.cfg.d_model % B == 0 and pt.cfg.d_ff % B == 0
+        for fmt in QUANTS
+    ]
 
 
 def all_points(profile: str | Profile | None = None) -> list[Point]:
@@ -331,6 +373,7 @@ def gate_grid(profile: str | Profile):
     GATE_SKEWS; any other profile means every point and skew of that profile."""
     p = get_profile(profile)
     if p.name != "gate":
-        return p, [pt for pt in all_points(p) if pt.family != EP], SKEWS
+        # quant points are measured by the sweep and reported; the gate leaves them out.
+        return p, [pt for pt in all_points(p) if pt.family not in (EP, QUANT)], SKEWS
     pts = [pt for fam, labels in GATE_POINTS.items() for pt in points(fam, p) if pt.label in labels]
     return p, pts, GATE_SKEWS

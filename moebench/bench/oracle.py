@@ -98,6 +98,19 @@ def rel_err(y_TD, x_TD, routing, weights, stats, budget_bytes) -> float | None:
     return rel(y_TD[:n], ref_nD)
 
 
+def quant_err(x_TD, routing, weights, floats, stats, budget_bytes) -> float | None:
+    """The quantization error itself: ||quantized oracle - unquantized oracle|| / ||the
+    unquantized oracle||, on the tokens rel_err checks (None where it checks none), for
+    QuantizedWeights `weights` made from the ExpertWeights `floats`."""
+    if (chosen := check_tokens(routing, weights, budget_bytes)) is None:
+        return None
+    n, experts = chosen
+    with torch.no_grad():
+        x_nD, local, quantized = oracle_inputs(x_TD[:n], routing, weights, experts, stats)
+        unquantized = oracle_inputs(x_TD[:n], routing, floats, experts, stats)[2]
+        return rel(reference(x_nD, local, quantized), reference(x_nD, local, unquantized))
+
+
 def train_rel_err(forward, impl, x_TD, routing, weights, budget_bytes) -> float | None:
     """The training step's error: the layer's forward and backward on the first tokens that
     check_tokens picks (the layer sees those tokens alone) against float64 autograd through

@@ -97,10 +97,10 @@ def op_breakdown(point: grid.Point, impl: str, skew: str, *, profile, calls: int
     p = grid.get_profile(profile)
     device = torch.device(p.device)
     with torch_threads(p.threads):
-        inputs, reason = point_inputs(point, device, torch_dtype(p.dtype))
+        inputs, reason = point_inputs(point, device, torch_dtype(p.dtype), p.quant_block)
         if inputs is None:
             raise RuntimeError(reason)
-        weights, x_TD = inputs
+        weights, x_TD, _ = inputs
         routing = make_routing(point.T, point.cfg, skew=skew, seed=SEED, device=device)
         call = lambda: moe_forward(x_TD, routing, weights, impl=impl, check=False)
         for _ in range(2):

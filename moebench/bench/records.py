@@ -12,15 +12,17 @@ from . import grid
 from .roofline import useful_flops
 
 # Every record has these keys; metrics are None where a point was skipped or a metric
-# does not apply.
+# does not apply. quant: the experts' weight format (the quant family), else None; rel_err
+# is against the oracle of the layer's own semantics (the quantized one for quant points),
+# quant_err the quantized oracle's distance from the unquantized layer's (oracle.quant_err).
 RECORD_FIELDS = (
-    "family", "label", "impl", "skew", "T", "D", "F", "E", "K", "Fs", "dtype",
+    "family", "label", "impl", "skew", "T", "D", "F", "E", "K", "Fs", "dtype", "quant",
     "status", "reason",
     "time_ms", "p20_ms", "p80_ms", "cv", "repeats", "samples_ms", "host_ms", "graph_ms",
     "graph_reason", "peak_bytes", "peak_label",
     "flops", "min_bytes", "tokens_per_s", "tflops", "roofline_fraction",
     "max_over_mean", "touched_experts", "imbalance_overhead", "dropped_fraction", "rel_err",
-    "layer_stats",
+    "quant_err", "layer_stats",
     # the ep family (bench/ep.py)
     "world", "dispatch_ms", "local_ms", "combine_ms", "comm_share", "straggler",
     "sent_bytes", "recv_bytes", "a2a_GBps", "ranks", "group_limit",
@@ -64,6 +66,7 @@ def base_record(point: grid.Point, impl: str, skew: str, dtype: torch.dtype) -> 
         K=cfg.top_k,
         Fs=cfg.d_ff_shared,
         dtype=str(dtype).removeprefix("torch."),
+        quant=point.quant,
         flops=useful_flops(cfg, point.T) * (3 if training(point.family) else 1),
         status="skipped",
     )
@@ -80,7 +83,8 @@ def skip(record: dict, reason: str) -> dict:
     for key in ("time_ms", "p20_ms", "p80_ms", "cv", "repeats", "samples_ms", "host_ms",
                 "graph_ms", "peak_bytes", "tokens_per_s"):  # fmt: skip
         record[key] = None
-    record.update(tflops=None, roofline_fraction=None, dropped_fraction=None, rel_err=None)
+    record.update(tflops=None, roofline_fraction=None, dropped_fraction=None, rel_err=None,
+                  quant_err=None)  # fmt: skip
     return record
 
 
@@ -147,12 +151,15 @@ def add_imbalance(records: list[dict]) -> None:
             r["imbalance_overhead"] = r["time_ms"] / base
 
 
-def unsupported(impl: str, family: str, device: torch.device, dtype) -> str | None:
-    """Why `impl` is not measured at this point (a skip's reason), else None."""
+def unsupported(
+    impl: str, family: str, device: torch.device, dtype, quant: str | None = None
+) -> str | None:
+    """Why `impl` is not measured at this point (with weights in format `quant`; a skip's
+    reason), else None."""
     spec = registry.get(impl)
     if spec.missing():
         return f"unavailable: {spec.missing()}"
-    why = spec.timeable(device) or spec.refusal(device, dtype)
+    why = spec.timeable(device) or spec.refusal(device, dtype, quant)
     if not why and training(family) and not spec.differentiable:
         why = f"{impl} is not differentiable"
     return f"unsupported: {why}" if why else None

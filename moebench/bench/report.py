@@ -9,8 +9,9 @@ as JSON; the fastest peer at the record's point and its time / the record's), su
 (the machine, then per family: balanced-routing throughput and error, moebench against the
 best peer, load-imbalance overhead per skew, padded's dropped fraction, what was skipped and
 why; the ep family's table; expert parallelism projected from the models family and the
-model against the ep family) and plots/: throughput-<family>.png, peak-memory.png,
-imbalance-<family>.png, peers-<family>.png where peers ran, and ep-comm-share.png.
+model against the ep family; the quant family against the unquantized layer) and plots/:
+throughput-<family>.png, peak-memory.png, imbalance-<family>.png, peers-<family>.png where
+peers ran, ep-comm-share.png and quant.png.
 
 Peers (what a user would otherwise run: transformers' backends, Liger, vLLM) are compared
 with moebench in their own section and plot; the other plots show moebench's layers and
@@ -33,6 +34,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from .. import registry
+from ..quant import QUANTS
 from . import ep, grid, projection, targets
 from .records import tuned_kernels
 from .runs import load_run, write_atomic
@@ -53,6 +55,7 @@ SUMMARY_COLUMNS = {
     "K": "K",
     "Fs": "Fs",
     "dtype": "dtype",
+    "quant": "quant",
     "status": "status",
     "time_ms": "time_ms",
     "p20_ms": "p20_ms",
@@ -64,11 +67,13 @@ SUMMARY_COLUMNS = {
     "tokens_per_s": "tokens_per_s",
     "tflops": "useful_tflops",
     "roofline_fraction": "roofline_fraction",
+    "min_bytes": "min_bytes",
     "peak_mib": "peak_mib",
     "max_over_mean": "max_over_mean_load",
     "imbalance_overhead": "imbalance_overhead",
     "dropped_fraction": "dropped_fraction",
     "rel_err": "rel_err",
+    "quant_err": "quant_err",
     "best_peer": "best_peer",
     "vs_best_peer": "vs_best_peer",
     "reason": "reason",
@@ -196,7 +201,7 @@ def _env_lines(env: dict) -> list[str]:
 def _shapes(part: pd.DataFrame) -> str:
     """The family's layer shapes: one line for a sweep, a table of the models."""
     first = part.iloc[0]
-    if first["family"].removesuffix(grid.TRAIN) in ("models", "sonicmoe"):
+    if first["family"].removesuffix(grid.TRAIN) in ("models", "sonicmoe", grid.QUANT):
         models = part.assign(model=part["label"].str.split("/").str[0])
         models = models.drop_duplicates("model")[["model", "D", "F", "E", "K", "Fs"]]
         return markdown_table(models)
@@ -229,6 +234,8 @@ def markdown(env: dict, frame: pd.DataFrame) -> str:
             continue
         out += ["", f"## {family}", ""]
         out += [_shapes(part), ""]
+        if family == grid.QUANT:
+            out += _quant_section(env, frame)
         balanced = ok[ok["skew"] == "balanced"]
         if len(balanced):
             columns = {"label": "point", "impl": "impl", "time_ms": "time ms",
@@ -299,6 +306,56 @@ def _ep_section(env: dict, part: pd.DataFrame) -> list[str]:
         "dispatch + combine.",
         "",
         ep.markdown(part.to_dict("records")),
+    ]
+
+
+def versus_unquantized(frame: pd.DataFrame) -> pd.DataFrame:
+    """Each quant record that ran beside its unquantized twin, the models or sonicmoe
+    record of the same point, impl and skew: `point` (the twin's label), its time
+    (`base_ms`), bytes read (`base_bytes`) and tokens/s (`base_tokens_per_s`), and
+    speedup = base_ms / time_ms (over 1: the quantized layer is faster)."""
+    ok = _ok(frame)
+    quant = ok[ok["family"] == grid.QUANT]
+    quant = quant.assign(point=quant["label"].str.rsplit("/", n=1).str[0])
+    base = ok[ok["family"].isin(("models", "sonicmoe"))][
+        ["label", "impl", "skew", "time_ms", "min_bytes", "tokens_per_s"]
+    ].rename(columns={"label": "point", "time_ms": "base_ms", "min_bytes": "base_bytes",
+                      "tokens_per_s": "base_tokens_per_s"})  # fmt: skip
+    both = quant.merge(base, on=["point", "impl", "skew"], how="left")
+    return both.assign(speedup=both["base_ms"] / pd.to_numeric(both["time_ms"]))
+
+
+def _quant_section(env: dict, frame: pd.DataFrame) -> list[str]:
+    """The quant family against the unquantized layer, balanced routing."""
+    both = versus_unquantized(_ok(frame, "balanced"))
+    if both.empty:
+        return []
+    order = _ordered(frame, grid.QUANT, env.get("profile"))
+    rank = {"label": order.index, "impl": impl_rank}
+    both = both.sort_values(["label", "impl"], key=lambda s: s.map(rank[s.name]))
+    table = both.assign(
+        mb=both["min_bytes"] / 1e6,
+        bytes_ratio=both["min_bytes"] / both["base_bytes"],
+        quant_err=both["quant_err"].astype(float),
+    )
+    columns = {"point": "point", "quant": "format", "impl": "impl", "tokens_per_s": "tokens/s",
+               "base_tokens_per_s": "unquantized tokens/s", "speedup": "speedup",
+               "mb": "MB read", "bytes_ratio": "bytes / unquantized", "rel_err": "rel err",
+               "quant_err": "quant err"}  # fmt: skip
+    table = table[list(columns)]
+    table.columns = list(columns.values())
+    return [
+        "### Against the unquantized layer (balanced routing)",
+        "",
+        "The same point, impl and routing in the layer's dtype (the models or sonicmoe "
+        "family): speedup = its time / the quantized layer's (over 1: quantized is faster); "
+        "MB read = the least bytes moved (touched experts' stored values and scales, the "
+        "shared expert, x and y); rel err = against the oracle of the quantized layer (the "
+        "gated correctness); quant err = that oracle against the unquantized layer's, on "
+        "the same tokens (the quantization's own error).",
+        "",
+        markdown_table(table),
+        "",
     ]
 
 
@@ -462,6 +519,50 @@ def plot_peers(env, frame, family, path) -> None:
     _save(fig, path, f"{family} and peers, balanced: {_title(env)}")
 
 
+QUANT_STYLES = {"fp8-block": ("tab:purple", "s"), "int8": ("tab:green", "^"),
+                "int4": ("tab:red", "v"), None: ("black", "o")}  # fmt: skip
+
+
+def quant_impl(frame: pd.DataFrame) -> str | None:
+    """The layer quant.png shows: triton where the run timed it on quantized weights, else
+    the first of sorted, padded and naive that it timed."""
+    ok = _ok(frame)
+    timed = set(ok.loc[ok["family"] == grid.QUANT, "impl"])
+    return next((i for i in ("triton", "sorted", "padded", "naive") if i in timed), None)
+
+
+def plot_quant(env, frame, path) -> None:
+    """Balanced routing, one layer (quant_impl): tokens/s (top) and bytes read (bottom)
+    against T per format, and the unquantized layer's, one column per model (a sonicmoe
+    shape is one T)."""
+    impl = quant_impl(frame)
+    both = versus_unquantized(_ok(frame, "balanced"))
+    both = both[both["impl"] == impl]
+    model = both["point"].str.split("/").str[0]
+    panels = list(dict.fromkeys(model))
+    fig, axes = _figure(2, len(panels))
+    for col, name in enumerate(panels):
+        part = both[model == name]
+        base = part.drop_duplicates("point").assign(quant=None)
+        base = base.assign(tokens_per_s=base["base_tokens_per_s"], min_bytes=base["base_bytes"])
+        for fmt, series in [(None, base), *((q, part[part["quant"] == q]) for q in QUANTS)]:
+            color, marker = QUANT_STYLES[fmt]
+            series = series.sort_values("T")
+            label = fmt or f"unquantized ({part['dtype'].iloc[0]})"
+            for row, value in enumerate(("tokens_per_s", "min_bytes")):
+                ax = axes[row][col]
+                ax.plot(series["T"], series[value], color=color, marker=marker, ms=4, label=label)
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+                ax.set_xlabel("T (tokens)")
+                ax.grid(True, alpha=0.3)
+        axes[0][col].set_title(name, fontsize=9)
+    axes[0][0].set_ylabel("tokens/s (higher is better)")
+    axes[1][0].set_ylabel("bytes read (min_bytes)")
+    axes[0][0].legend(fontsize=7)
+    _save(fig, path, f"quantized experts, {impl}, balanced routing: {_title(env)}")
+
+
 def plot_ep(env, frame, path) -> None:
     """The ep family: the communication share (top) and the straggler ratio (bottom)
     against the world size, one colour per skew (a line per local impl, dotted where the
@@ -520,6 +621,11 @@ def write_report(run_path) -> list[Path]:
             plot_ep(env, frame, path)
             written.append(path)
             continue
+        if family == grid.QUANT:  # its own plot: one line per format, not per impl
+            if len(versus_unquantized(_ok(frame, "balanced"))):
+                plot_quant(env, frame, plots / "quant.png")
+                written.append(plots / "quant.png")
+            continue
         path = plots / f"throughput-{family}.png"
         plot_throughput(env, frame, family, path)
         written.append(path)
@@ -531,8 +637,10 @@ def write_report(run_path) -> list[Path]:
             path = plots / f"imbalance-{family}.png"
             plot_imbalance(env, frame, family, path)
             written.append(path)
-    if (ok["family"] != grid.EP).any():
-        plot_peak_memory(env, frame[frame["family"] != grid.EP], plots / "peak-memory.png")
+    # The quant family's peaks are in its table: its points share E and T across formats.
+    if (~ok["family"].isin((grid.EP, grid.QUANT))).any():
+        per_impl = frame[~frame["family"].isin((grid.EP, grid.QUANT))]
+        plot_peak_memory(env, per_impl, plots / "peak-memory.png")
         written.append(plots / "peak-memory.png")
     return written
 

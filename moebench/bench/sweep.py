@@ -5,7 +5,8 @@ bf16) are generated once and shared by every routing and implementation. A point
 cannot run is recorded as skipped with its reason (out of memory, a capacity buffer that
 does not fit, an unsupported dtype, Triton without CUDA, or any other error) and the
 sweep goes on. `moebench sweep` runs a whole profile and writes its run file (what
-`nox -s bench` does before asv records the same numbers).
+`nox -s bench` does before asv records the same numbers). A quant point's weights are
+quantized once per point (inputs.point_inputs); its records also carry quant_err.
 
 T tokens, D model width, F expert hidden width, Fs shared hidden width, E experts,
 K experts per token, S = T*K token-expert pairs.
@@ -28,7 +29,7 @@ from . import ep, grid
 from .environment import environment
 from .inputs import SEED, point_inputs, release
 from .memory import peak_memory
-from .oracle import WrongOutput, rel_err, train_rel_err
+from .oracle import WrongOutput, quant_err, rel_err, train_rel_err
 from .records import (
     add_imbalance,
     base_record,
@@ -41,7 +42,7 @@ from .records import (
     training,
     unsupported,
 )
-from .roofline import Ceilings, measure_ceilings, min_bytes, roofline_fraction
+from .roofline import Ceilings, measure_ceilings, min_bytes, quant_expert_bytes, roofline_fraction
 from .runs import run_path, write_run
 from .timing import make_timer, measure, torch_threads
 
@@ -96,8 +97,9 @@ def _train_step(forward, impl, x_TD, routing, weights):
     return step, release
 
 
-def _measure(record, forward, impl, x_TD, routing, weights, ctx: Context) -> None:
-    """Fill in one record; raises what the layer raises."""
+def _measure(record, forward, impl, x_TD, routing, weights, ctx: Context, floats=None) -> None:
+    """Fill in one record; raises what the layer raises. floats: the unquantized weights
+    of a quant point's QuantizedWeights."""
     if training(record["family"]):
         if impl == "padded":
             stats = {}
@@ -122,7 +124,10 @@ def _measure(record, forward, impl, x_TD, routing, weights, ctx: Context) -> Non
     if ctx.check:
         if not torch.isfinite(y_TD).all():
             raise WrongOutput("the output holds NaN or inf")
-        record["rel_err"] = rel_err(y_TD, x_TD, routing, weights, stats, ctx.profile.check_bytes)
+        budget = ctx.profile.check_bytes
+        record["rel_err"] = rel_err(y_TD, x_TD, routing, weights, stats, budget)
+        if floats is not None:
+            record["quant_err"] = quant_err(x_TD, routing, weights, floats, stats, budget)
     del y_TD, stats
     call = lambda: forward(x_TD, routing, weights, impl=impl, check=False)
     _time(record, call, ctx)
@@ -156,7 +161,7 @@ def _time(record, call, ctx: Context) -> None:
         tokens_per_s=record["T"] / seconds,
         tflops=record["flops"] / seconds / 1e12,
         roofline_fraction=roofline_fraction(
-            record["flops"], record["min_bytes"], timing.median_ms, ctx.ceilings
+            record["flops"], record["min_bytes"], timing.median_ms, ctx.ceilings, record["quant"]
         ),
     )
 
@@ -231,8 +236,10 @@ def _sweep(points, impls, skews, forward, progress, checkpoint, ctx: Context) ->
         if progress is not None:
             progress(len(records), total, record)
 
+    block = ctx.profile.quant_block
     for point in points:
-        inputs, reason = point_inputs(point, device, dtype)
+        inputs, reason = point_inputs(point, device, dtype, block)
+        expert_bytes = point.quant and quant_expert_bytes(point.cfg, point.quant, block, dtype)
         for skew in skews:
             try:
                 routing = make_routing(point.T, point.cfg, skew=skew, seed=SEED, device=device)
@@ -249,19 +256,19 @@ def _sweep(points, impls, skews, forward, progress, checkpoint, ctx: Context) ->
                     max_over_mean=load.max_over_mean,
                     touched_experts=touched,
                     # fwd + bwd reads the weights and writes their gradients; x, y, dy, dx
-                    min_bytes=min_bytes(point.cfg, point.T, touched, dtype.itemsize)
+                    min_bytes=min_bytes(point.cfg, point.T, touched, dtype.itemsize, expert_bytes)
                     * (2 if training(point.family) else 1),
                 )
                 if inputs is None:
                     done(skip(record, reason))
                     continue
-                why = unsupported(impl, point.family, device, dtype)
+                why = unsupported(impl, point.family, device, dtype, point.quant)
                 if why:
                     done(skip(record, why))
                     continue
-                weights, x_TD = inputs
+                weights, x_TD, floats = inputs
                 try:
-                    _measure(record, forward, impl, x_TD, routing, weights, ctx)
+                    _measure(record, forward, impl, x_TD, routing, weights, ctx, floats)
                 except Exception as e:  # one broken point must not end a sweep of hours
                     skip(record, failure(e))
                 if record["status"] != "ok":

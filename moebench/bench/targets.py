@@ -8,8 +8,12 @@ computed, labelled with the run's profile, so the same script answers on any mac
 2. triton time <= sorted time at every scale-out, iso-params and models point and skew;
 3. fraction of roofline >= 0.6 at every scale-out and iso-params point;
 4. decode (T <= 64, models): touched-expert weight bytes / time >= 0.7 x measured copy
-   bandwidth.
-Targets 3 and 4 are given twice: with the eager time, and with the kernels' time, which is
+   bandwidth;
+5. int4 decode (T <= 64, the quant family's int4 models points): bytes read (min_bytes:
+   the touched experts' int4 values and scales, the shared expert, x and y) / time >= 0.7
+   x measured copy bandwidth, so about 3x the bf16 layer where that is weight bound;
+6. fp8 prefill at SonicMoE's shape: the bf16 layer's time / the fp8-block layer's >= 1.5.
+Targets 3, 4 and 5 are given twice: with the eager time, and with the kernels' time, which is
 the CUDA graph replay time where the run has one (graph_ms: the profile replays the fast
 points, whose eager time is mostly host launch time) and the eager time elsewhere.
 
@@ -31,11 +35,14 @@ import pandas as pd
 
 from .. import registry
 from ..config import torch_dtype
+from .grid import QUANT
 
 SONIC_TFLOPS = 550.0
 ROOFLINE = 0.6
 DECODE_BANDWIDTH = 0.7
 DECODE_MAX_TOKENS = 64
+INT4_BANDWIDTH = 0.7
+FP8_SPEEDUP = 1.5
 POINT = ["family", "label", "skew"]
 
 
@@ -114,15 +121,19 @@ def _kernel_ms(rows: pd.DataFrame) -> pd.Series:
 
 
 def evaluate(env: dict, frame: pd.DataFrame) -> pd.DataFrame:
-    """The four targets for the triton layer of one run: worst value, where, met or not
-    (None where the run cannot measure it: no triton point, no replays, no touched_experts)."""
-    if "graph_ms" not in frame:  # a run from before the replays
-        frame = frame.assign(graph_ms=None)
+    """The six targets for the triton layer of one run: worst value, where, met or not
+    (None where the run cannot measure it: no triton point, no replays, no touched_experts,
+    no quant points)."""
+    for column in ("graph_ms", "quant", "min_bytes"):  # runs from before them
+        if column not in frame:
+            frame = frame.assign(**{column: None})
     ok = frame[frame["status"] == "ok"].reset_index(drop=True)
     tri = ok[ok["impl"] == "triton"]
     rows = []
 
-    sonic = tri[(tri["family"] == "sonicmoe") & (tri["E"] == 64) & (tri["skew"] == "random")]
+    # The SonicMoE shape (E=64 of the sonicmoe family) under random routing.
+    sonic_shape = lambda rows: rows[(rows["E"] == 64) & (rows["skew"] == "random")]
+    sonic = sonic_shape(tri[tri["family"] == "sonicmoe"])
     rows.append(
         _verdict(
             "SonicMoE shape, useful TFLOP/s",
@@ -144,10 +155,13 @@ def evaluate(env: dict, frame: pd.DataFrame) -> pd.DataFrame:
     grids = tri[tri["family"].isin(["scale-out", "iso-params"])]
     decode = tri[(tri["family"] == "models") & (tri["T"] <= DECODE_MAX_TOKENS)]
     decode = decode[decode["touched_experts"].notna()]  # older runs lack it: not measured
+    # The models points are the quant family's only ones with so few tokens.
+    int4 = tri[(tri["family"] == QUANT) & (tri["quant"] == "int4")]
+    int4 = int4[(int4["T"] <= DECODE_MAX_TOKENS) & int4["min_bytes"].notna()]
     copy_bw = (env.get("ceilings") or {}).get("copy_bytes")
     for timing in ("eager", "kernels"):
         if timing == "kernels" and not replayed:  # a run without replays: not measured
-            grids, decode = grids.iloc[:0], decode.iloc[:0]
+            grids, decode, int4 = grids.iloc[:0], decode.iloc[:0], int4.iloc[:0]
         ms = _kernel_ms if timing == "kernels" else (lambda rows: rows["time_ms"])
         frac = grids["roofline_fraction"] * grids["time_ms"] / ms(grids)
         rows.append(
@@ -169,6 +183,33 @@ def evaluate(env: dict, frame: pd.DataFrame) -> pd.DataFrame:
                 bandwidth >= DECODE_BANDWIDTH if copy_bw else None,
             )
         )
+        read = pd.to_numeric(int4["min_bytes"]) / (ms(int4) * 1e-3) / copy_bw if copy_bw else None
+        rows.append(
+            _verdict(
+                f"int4 decode bytes read / copy bandwidth ({timing})",
+                f">= {INT4_BANDWIDTH:g}",
+                int4 if copy_bw else int4.iloc[:0],
+                read,
+                read >= INT4_BANDWIDTH if copy_bw else None,
+            )
+        )
+
+    # fp8-block at the SonicMoE shape against the same point in the dtype.
+    fp8 = tri[(tri["family"] == QUANT) & (tri["quant"] == "fp8-block")]
+    fp8 = fp8.assign(base=fp8["label"].str.rsplit("/", n=1).str[0])
+    bf16 = tri[tri["family"] == "sonicmoe"][["label", "skew", "time_ms"]]
+    fp8 = sonic_shape(fp8.merge(bf16, left_on=["base", "skew"], right_on=["label", "skew"],
+                                suffixes=("", "_dtype")))  # fmt: skip
+    speedup = fp8["time_ms_dtype"] / fp8["time_ms"]
+    rows.append(
+        _verdict(
+            "fp8-block SonicMoE shape, speed vs the dtype (x)",
+            f">= {FP8_SPEEDUP:g}",
+            fp8,
+            speedup,
+            speedup >= FP8_SPEEDUP,
+        )
+    )
     return pd.DataFrame(rows)
 
 

@@ -23,6 +23,8 @@ SUITES = {
         ("SonicMoEImbalance", IMBALANCE),
         *((f"{family}Dropped", DROPPED) for family in ("ScaleOut", "IsoParams", "Models")),
         ("ModelsTrain", TIME),  # the tiny profile times models forward + backward
+        ("Quant", TIME),
+        ("QuantBytesRead", ("bytes_read", "read_GBps")),
         ("ExpertParallel", ("step_ms", "comm_share", "straggler")),
     ]
     for metric in metrics

@@ -78,11 +78,14 @@ def test_the_gate_profile_is_a_few_cpu_points():
     assert all(pt.cfg == by_key[pt.family, pt.label].cfg for pt in points)
 
 
-def test_any_other_gate_profile_is_its_whole_grid_but_the_ep_family():
+def test_any_other_gate_profile_is_its_whole_grid_but_the_ep_and_quant_families():
     p, points, skews = grid.gate_grid("tiny")
-    single = [pt for pt in grid.all_points("tiny") if pt.family != grid.EP]
-    assert p.name == "tiny" and points == single and skews == grid.SKEWS
-    assert len(single) < len(grid.all_points("tiny"))
+    gated = [pt for pt in grid.all_points("tiny") if pt.family not in (grid.EP, grid.QUANT)]
+    assert p.name == "tiny" and points == gated and skews == grid.SKEWS
+    assert {pt.family for pt in grid.all_points("tiny")} - {pt.family for pt in gated} == {
+        grid.EP,
+        grid.QUANT,
+    }
 
 
 def test_the_ep_family_is_worlds_by_experts_with_t_tokens_per_rank():

@@ -15,7 +15,8 @@ def record(family, label, impl, skew="random", time_ms=1.0, **fields):
     return base | fields
 
 
-def frame(triton_ms=1.0, sonic_tflops=600.0, roofline=0.9, decode_ms=0.05, replay_ms=None):
+def frame(triton_ms=1.0, sonic_tflops=600.0, roofline=0.9, decode_ms=0.05, replay_ms=None,
+          int4_ms=0.3, fp8_ms=0.6):  # fmt: skip
     """replay_ms: the triton points' graph replay times (None: the run has no replays)."""
     # decode point: 8 experts of 3*4096*14336 bf16 weights = 2.8 GB; at 3 TB/s ~ 0.94 ms
     return pd.DataFrame([
@@ -28,6 +29,11 @@ def frame(triton_ms=1.0, sonic_tflops=600.0, roofline=0.9, decode_ms=0.05, repla
                graph_ms=replay_ms and replay_ms[1]),
         record("models", "mixtral-8x7b/T=1", "sorted", skew="balanced", time_ms=2.0),
         record("models", "mixtral-8x7b/T=1", "naive", skew="balanced", status="skipped"),
+        # 7e8 bytes read in 0.3 ms: 0.78 of 3 TB/s; the sonicmoe point's 1 ms in 0.6: 1.67x
+        record("quant", "mixtral-8x7b/T=1/int4", "triton", skew="balanced", T=1, quant="int4",
+               min_bytes=7e8, time_ms=int4_ms, graph_ms=replay_ms and int4_ms),
+        record("quant", "E=64/F=1024/K=4/fp8-block", "triton", T=32768, quant="fp8-block",
+               time_ms=fp8_ms),
     ])  # fmt: skip
 
 
@@ -36,11 +42,13 @@ def verdicts(table):
 
 
 DECODE = "decode weight bandwidth / copy bandwidth"
+INT4 = "int4 decode bytes read / copy bandwidth"
+FP8 = "fp8-block SonicMoE shape, speed vs the dtype (x)"
 
 
 def test_all_targets_met():
     table = targets.evaluate(ENV, frame(triton_ms=0.9, decode_ms=1.2, replay_ms=(0.9, 1.2)))
-    assert list(table["met"]) == [True] * 6
+    assert list(table["met"]) == [True] * 9
     bandwidth = table.set_index("target").loc[f"{DECODE} (eager)"]
     assert bandwidth["worst"] == pytest.approx(3 * 4096 * 14336 * 8 * 2 / 1.2e-3 / 3e12)
 
@@ -52,6 +60,8 @@ def test_all_targets_met():
         ({"triton_ms": 1.1}, ["speed vs sorted (x)"]),
         ({"roofline": 0.5}, ["fraction of roofline (eager)", "fraction of roofline (kernels)"]),
         ({"decode_ms": 2.0}, [f"{DECODE} (eager)"]),
+        ({"int4_ms": 0.4}, [f"{INT4} (eager)", f"{INT4} (kernels)"]),
+        ({"fp8_ms": 0.7}, [FP8]),
     ],
 )
 def test_each_missed_target_is_named(change, missed):
@@ -94,7 +104,7 @@ def test_a_run_without_touched_experts_leaves_the_decode_rows_unmeasured(tmp_pat
     decode = [f"{DECODE} (eager)", f"{DECODE} (kernels)"]
     for row in decode:
         assert table.loc[row, "met"] is None and table.loc[row, "at"] == "no points"
-    assert table.drop(index=decode)["met"].tolist() == [True] * 4
+    assert table.drop(index=decode)["met"].tolist() == [True] * 7
 
 
 @pytest.mark.parametrize("content", [None, '{"env": {"profile": "gpu"}, "rec', "[]"],
