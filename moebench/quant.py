@@ -33,6 +33,7 @@ from .weights import ExpertWeights, _shape
 FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
 ACT_EPS = 1e-10  # the least amax an fp8 activation scale divides by (an all-zero block)
 BLOCK = 128
+_DEQUANTIZE_BYTES = 2**28  # the wide copy dequantize() makes at a time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,15 +142,24 @@ class QuantizedTensor:
         return (nibbles - 8).to(torch.int8).flatten(2)
 
     def dequantize(self, dtype: torch.dtype | str | None = None) -> torch.Tensor:
-        """value * scale as [E, N, K] in `dtype` (default the activations'): computed in
-        float64, so exact there, and rounded once to `dtype`."""
+        """value * scale as [E, N, K] in `dtype` (default the activations'): exact in
+        float64; otherwise computed in fp32 (exact for the integer formats' 16-bit scales)
+        and rounded to `dtype`, a few experts at a time, so that no full-size fp32 copy is
+        made (deepseek-v3's experts are 45 GB in fp32)."""
         dtype = torch_dtype(dtype or self.act_dtype)
-        rows, cols = self.format.scale_block(self.block, self.shape[2])
-        scale = self.scale.double().repeat_interleave(rows, 1).repeat_interleave(cols, 2)
-        return (self.values().double() * scale).to(dtype)
+        wide = torch.float64 if dtype == torch.float64 else torch.float32
+        E, N, K = self.shape
+        rows, cols = self.format.scale_block(self.block, K)
+        out = torch.empty(E, N, K, dtype=dtype, device=self.device)
+        step = max(1, _DEQUANTIZE_BYTES // (N * K * wide.itemsize))
+        for lo in range(0, E, step):
+            part = self.select(slice(lo, lo + step))
+            scale = part.scale.to(wide).repeat_interleave(rows, 1).repeat_interleave(cols, 2)
+            out[lo : lo + step] = part.values().to(wide) * scale
+        return out
 
-    def select(self, experts: torch.Tensor) -> QuantizedTensor:
-        """The projections of these experts (an index tensor), in that order."""
+    def select(self, experts: torch.Tensor | slice) -> QuantizedTensor:
+        """The projections of these experts (an index tensor or a slice), in that order."""
         return dataclasses.replace(self, data=self.data[experts], scale=self.scale[experts])
 
     def to(self, device) -> QuantizedTensor:

@@ -231,11 +231,11 @@ def _discover() -> None:
                   file=sys.stderr)  # fmt: skip
 
 
-def declare(*, dtypes=None, devices=None, differentiable=None, options=None):
+def declare(*, dtypes=None, devices=None, differentiable=None, options=None, quant=None):
     """Decorate an implementation's forward with what it supports, for the entry point or
     `module:function` routes, where no register_impl call carries it."""
     given = {"dtypes": dtypes, "devices": devices, "differentiable": differentiable,
-             "options": options}  # fmt: skip
+             "options": options, "quant": quant}  # fmt: skip
 
     def mark(fn):
         fn.__moebench__ = {k: v for k, v in given.items() if v is not None}
@@ -245,17 +245,19 @@ def declare(*, dtypes=None, devices=None, differentiable=None, options=None):
 
 
 def register_impl(name: str, forward: Callable, *, dtypes=None, devices=None,
-                  differentiable=None, options=None, origin: str = "python",
+                  differentiable=None, options=None, quant=None, origin: str = "python",
                   replace: bool = False) -> Impl:  # fmt: skip
     """Register `forward` (see this module's docstring) as implementation `name`.
 
     dtypes: the float dtypes it takes (default fp16, bf16, fp32); devices: device types
     ("cpu", "cuda"; default both); differentiable: whether autograd flows through it;
-    options: its keyword options with defaults (default: read from its signature).
+    options: its keyword options with defaults (default: read from its signature);
+    quant: the quantized weight formats it takes (moebench.quant.QUANTS; default none),
+    each projection then given as a moebench.quant.QuantizedTensor.
     Unset keywords come from a `declare` decoration. replace: allow a new forward under
     a name registered before (moebench's own names and its peers' are never replaced).
     """
-    impl = describe(name, forward, dtypes=dtypes, devices=devices,
+    impl = describe(name, forward, dtypes=dtypes, devices=devices, quant=quant,
                     differentiable=differentiable, options=options, origin=origin)  # fmt: skip
     taken = _REGISTRY.get(name)
     if taken is not None and (not replace or taken.origin in ("moebench", "peer")):
@@ -265,7 +267,8 @@ def register_impl(name: str, forward: Callable, *, dtypes=None, devices=None,
 
 
 def describe(name: str, forward: Callable, *, dtypes=None, devices=None,
-             differentiable=None, options=None, origin: str = "python") -> Impl:  # fmt: skip
+             differentiable=None, options=None, quant=None,
+             origin: str = "python") -> Impl:  # fmt: skip
     """`forward` as an Impl named `name`, checked as register_impl checks it, unregistered."""
     if not isinstance(name, str) or not name or any(c.isspace() or c == "," for c in name):
         raise ValueError(f"an impl name is a word without spaces or commas: {name!r}")
@@ -280,6 +283,10 @@ def describe(name: str, forward: Callable, *, dtypes=None, devices=None,
     bad = [d for d in devices if d not in DEVICES]
     if bad:
         raise ValueError(f"impl {name!r}: unknown devices {bad}; known: {', '.join(DEVICES)}")
+    quant = tuple(quant or declared.get("quant") or ())
+    bad = [q for q in quant if q not in QUANTS]
+    if bad:
+        raise ValueError(f"impl {name!r}: unknown quant formats {bad}; known: {', '.join(QUANTS)}")
     params = inspect.signature(forward).parameters.values()
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if len(positional) < len(_ARGS) and not any(p.kind == p.VAR_POSITIONAL for p in params):
@@ -299,6 +306,7 @@ def describe(name: str, forward: Callable, *, dtypes=None, devices=None,
         differentiable=bool(differentiable),
         options=None if options is None else types.MappingProxyType(dict(options)),
         origin=origin,
+        quant=quant,
     )
 
 

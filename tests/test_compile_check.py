@@ -23,6 +23,12 @@ results = {name: cc.compile_case(case)._asdict() for name, case in
 for r in results.values():
     r.pop("case")
 listed = cc.cases()
+# The quantized kernels: int4's unpacking and fp8's scaled fp8 dots, at decode's height.
+int4, fp8 = (next(c for c in listed if c.quant == q and c.kernel == "gate_up"
+                  and c.variant == "decode") for q in ("int4", "fp8-block"))
+results.update(int4=cc.compile_case(int4)._asdict(), fp8=cc.compile_case(fp8)._asdict())
+for r in results.values():
+    r.pop("case", None)
 print(json.dumps({
     "results": results,
     "tall_listed": any(c.kernel == tall.kernel and c.block_m == 128 and c.config == config
@@ -30,6 +36,8 @@ print(json.dumps({
     "groups": sorted({f"{c.kernel}/{c.variant}/{c.block_m}" for c in listed}),
     "persistent": sorted({f"{c.kernel}/{c.variant}/{c.block_m}" for c in listed
                           if c.config.get("PERSISTENT")}),
+    "quant": sorted({f"{c.kernel}/{c.variant}/{c.quant}" for c in listed if c.quant}),
+    "quant_tma": any(c.config.get("TMA") for c in listed if c.quant),
 }))
 """
 
@@ -61,6 +69,15 @@ def test_spilling_config_is_found_and_pruned():
     assert "combine/pairs/0" in groups
     # The persistent configs: prefill's tuned tiles of 64 and 128 rows (TMA needs 64).
     assert out["persistent"] == [f"{k}/prefill/{m}" for k in ("down", "gate_up") for m in (128, 64)]
+    # Quantized weights: every format on both paths and the big tiles, through pointers.
+    assert set(out["quant"]) == {
+        f"{k}/{v}/{q}" for k in ("gate_up", "down") for q in ("int8", "int4", "fp8-block")
+        for v in ("decode", "prefill", "big-decode", "big-prefill")
+    }  # fmt: skip
+    assert not out["quant_tma"]
+    for name in ("int4", "fp8"):
+        r = out["results"][name]
+        assert r["error"] is None and r["spill_bytes"] == 0 and r["regs"] > 0, r
 
 
 def test_refuses_the_interpreter():

@@ -203,6 +203,31 @@ def test_clear_errors():
         QuantizedWeights(qw.gate_up, w.quantize("int8", B).down, torch.float32)
 
 
+def test_a_plug_in_declares_its_formats():
+    """An outside kernel registered with quant=("int8",) gets QuantizedTensor projections."""
+    cfg, w, x = layer()
+    r = mb.make_routing(T, cfg, seed=7)
+    seen = []
+
+    def forward(x_TD, ids_TK, weights_TK, gate_up, down):
+        seen.append(type(gate_up).__name__)
+        dense = mb.ExpertWeights(gate_up.dequantize(), down.dequantize())
+        return mb.moe_forward(x_TD, mb.Routing(ids_TK, weights_TK), dense, impl="sorted")
+
+    mb.register_impl("int8-only", forward, quant=("int8",))
+    try:
+        qw = w.quantize("int8", B)
+        y = mb.moe_forward(x, r, qw, impl="int8-only")
+        assert seen == ["QuantizedTensor"]
+        assert rel(y, mb.reference(x, r, qw)) < tolerance(torch.float32, "int8")
+        with pytest.raises(ValueError, match=r"'int8-only' does not take int4 .* it takes int8"):
+            mb.moe_forward(x, r, w.quantize("int4", B), impl="int8-only")
+        with pytest.raises(ValueError, match=r"unknown quant formats \['int3'\]"):
+            mb.register_impl("bad", forward, quant=("int3",))
+    finally:
+        mb.unregister_impl("int8-only")
+
+
 def test_impls_that_do_not_take_a_format_refuse_it():
     _, w, x = layer()
     cfg = mb.MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=K)

@@ -17,6 +17,9 @@ the layer may loop (up to configs.LOOP_MAX_M rows); the fixed big-tile configs; 
 weight-gradient kernel (dx reuses the down kernel); the schedule's kernels (sorted and
 counted), at their fixed block sizes. Each kernel's arguments come from the layer's own
 argument builders (moebench.impls.triton.ops and .schedule), given stand-ins for tensors.
+Quantized weights (int8, int4, fp8-block with 128 blocks): the forward kernels with the
+pointer configs that their pruning keeps for wide experts at the tile heights of QUANT_M,
+and the fixed big-tile configs.
 
     python tools/compile_check.py [--only KERNEL] [--jobs N]   # TRITON_INTERPRET unset
 """
@@ -40,6 +43,8 @@ SM = 90
 # skips it at launch (OutOfResources).
 SMEM_LIMIT = 227 * 1024
 TILE_HEIGHTS = (16, 32, 64, 128)  # what configs.block_m_for can choose for prefill
+QUANT_M = {"decode": (16,), "prefill": (16, 128)}  # the quantized cases' tile heights
+QUANTS = ("int8", "int4", "fp8-block")
 EXPERT_WIDTHS = (8, 32, 64, 1024)  # F for the pruning: narrow, middle, wide experts
 # Argument sizes: multiples of 16 like the real shapes, so they specialize the same way.
 D, F, K, E, T_BUCKET = 4096, 1024, 8, 64, 4096
@@ -54,6 +59,7 @@ class Case(NamedTuple):
     variant: str
     block_m: int  # 0 for expert_grad and schedule, whose BLOCK_M is part of their config
     config: dict  # triton.Config.all_kwargs()
+    quant: str = ""  # the weights' format (moebench.quant), "" for float weights
 
 
 class Result(NamedTuple):
@@ -154,6 +160,7 @@ def cases(only: str | None = None) -> list[Case]:
         for k, c in configs.big_config(path, f).items()
     }
     out += [Case(k, f"big-{path}", heights[path], dict(c)) for (path, k, _), c in big.items()]
+    out += _quant_cases(configs, search, heights)
     grad_configs = [c.all_kwargs() for c in configs.expert_grad_configs(**compiled)]
     out += [Case("expert_grad", w, 0, c) for w in ("gate_up", "down") for c in grad_configs]
     variants = {"expert_rows": "rows", "tile_slots": "slots", "counted": "counted"}
@@ -167,7 +174,29 @@ def cases(only: str | None = None) -> list[Case]:
                                      "num_warps": 4, "num_stages": 3})
         for d in (elements, 128)
     ]  # fmt: skip
-    return [c for c in out if only in (None, c.kernel)]
+    return [c for c in out if only in (None, c.kernel) or (only == "quant" and c.quant)]
+
+
+def _quant_cases(configs, search, heights) -> list[Case]:
+    """The forward kernels over quantized weights: pointer configs only (no TMA)."""
+    from moebench.impls.triton.ops import QUANT_CODES
+
+    out = []
+    for fmt in QUANTS:
+        group = {"GROUP_K": 0 if fmt == "int8" else 128, "QUANT": QUANT_CODES[fmt]}
+        for kernel in ("gate_up", "down"):
+            prune = configs.prune(kernel)
+            for path, tile_heights in QUANT_M.items():
+                space = [c for c in search[kernel](path) if not c.kwargs.get("TMA")]
+                for bm in tile_heights:
+                    kept = prune(space, {"F": F}, BLOCK_M=bm, LOOP=False, **group)
+                    out += [Case(kernel, path, bm, c.all_kwargs(), fmt) for c in kept]
+            for path in configs.BIG_CONFIGS:
+                fixed = configs.big_config(path, F, fmt == "fp8-block")
+                config = {**next(c for k, c in fixed.items() if k.__name__ == f"_{kernel}_kernel"),
+                          "TMA": False}  # fmt: skip
+                out.append(Case(kernel, f"big-{path}", heights[path], config, fmt))
+    return out
 
 
 class Like:
@@ -200,6 +229,8 @@ def _launch_args(case: Case):
         return TensorDescriptor(base, [rows, cols], [cols, 1], box) if c.get("TMA") else None
 
     x, h = Like(bf16, T_BUCKET, D), Like(bf16, S, F)
+    if case.quant:
+        return _quant_launch_args(case, tiles, section)
     if case.kernel == "gate_up":  # x [T, D], gate_up [E, 2F, D] (or [E * 2F, D]), h [S, F]
         w = desc(E * 2 * F, D, [c["BLOCK_N"], c["BLOCK_K"]])
         args = ops.gate_up_args(x, Like(bf16, E, 2 * F, D), h, tiles, w, top_k=K, **section)
@@ -244,6 +275,38 @@ def _launch_args(case: Case):
                                     s_bucket=S)  # fmt: skip
         flags = {"GATHER_A": True, "GATHER_B": False, "WEIGHTED": True}
         kernel = kernels_bwd._expert_grad_kernel
+    return kernel, tuple(a.dtype if isinstance(a, Like) else a for a in args), flags
+
+
+def _quant_launch_args(case: Case, tiles, section):
+    """_launch_args of a forward kernel over quantized weights, in blocks of 128: values
+    [E, N, K / per element], scales as moebench.quant lays them out, fp8 activations and
+    their scales [rows, K / 128]."""
+    from moebench.quant import FORMATS
+
+    _, kernels, _, ops, _ = _layer()
+    bf16, f32 = torch.bfloat16, torch.float32
+    f = FORMATS[case.quant]
+    fp8 = f.activations
+    act = torch.float8_e4m3fn if fp8 else bf16
+    n, k = (2 * F, D) if case.kernel == "gate_up" else (D, F)
+    rows, cols = f.scale_block(128, k)
+    w_scale = Like(f32 if fp8 else bf16, E, n // rows, k // cols)
+    values = Like(f.storage, E, n, k // f.per_element)
+    meta = {"QUANT": ops.QUANT_CODES[case.quant], "SCALE_N": rows,
+            "GROUP_K": 0 if case.quant == "int8" else cols}  # fmt: skip
+    if case.kernel == "gate_up":
+        quant = ops.Quant(w_scale, Like(f32, T_BUCKET, D // 128) if fp8 else None, meta,
+                          f.per_element)  # fmt: skip
+        args = ops.gate_up_args(Like(act, T_BUCKET, D), values, Like(bf16, S, F), tiles, None,
+                                top_k=K, quant=quant, **section)  # fmt: skip
+        kernel, flags = kernels._gate_up_kernel, {"BLOCK_M": case.block_m, **meta}
+    else:
+        quant = ops.Quant(w_scale, Like(f32, S, F // 128) if fp8 else None, meta, f.per_element)
+        args = ops.down_args(Like(act, S, F), values, Like(bf16, S, D), Like(bf16, S), tiles,
+                             None, None, top_k=K, quant=quant, **section)  # fmt: skip
+        flags = {"WEIGHTED": True, "ATOMIC": False, "BLOCK_M": case.block_m, **meta}
+        kernel = kernels._down_kernel
     return kernel, tuple(a.dtype if isinstance(a, Like) else a for a in args), flags
 
 
@@ -294,6 +357,7 @@ def format_table(results: list[Result]) -> str:
         c = r.case.config
         block_m = r.case.block_m or c.get("BLOCK_M", c.get("BLOCK_T"))
         variant = r.case.variant + ("/tma" if c.get("TMA") else "")
+        variant += f"/{r.case.quant}" if r.case.quant else ""
         variant += f"/x{c['N_BLOCKS']}" if c.get("N_BLOCKS", 1) > 1 else ""
         variant += "/loop" if c.get("LOOP") else ""
         variant += "/pers" if c.get("PERSISTENT") else ""
@@ -316,7 +380,7 @@ def format_table(results: list[Result]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python tools/compile_check.py", description=__doc__)
-    p.add_argument("--only", choices=KERNELS, help="one kernel")
+    p.add_argument("--only", choices=(*KERNELS, "quant"), help="one kernel, or the quantized")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
     args = p.parse_args(argv)
     try:

@@ -111,7 +111,8 @@ def forward(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF, out_TD, stats, *,
         # (tracing into the kernel launches fails under the interpreter).
         y_TD, _ = ops.fused_moe(*differentiable, *tiles, path, block_m, big_m, combine)
         return out_TD.copy_(y_TD)
-    sections = ops.plan(tiles, block_m, big_m, path, F2 // 2)
+    fp8 = quantized and gate_up_E2FD.format.activations
+    sections = ops.plan(tiles, block_m, big_m, path, F2 // 2, fp8)
     if quantized:
         config = ops.quantized_forward(
             x_TD, gate_up_E2FD, down_EDF, weights_TK.reshape(-1), tiles, sections, out_TD, K,

@@ -236,10 +236,20 @@ def prune(kernel):
                 if c.kwargs.get("N_BLOCKS", 1) == 1
                 or (nargs["F"] <= c.kwargs["BLOCK_K"] and kwargs["BLOCK_M"] <= 32)
             ]  # fmt: skip
-        if kwargs.get("GROUP_K"):  # quantized: a reduction block within one scale's group
-            configs = [c for c in configs if kwargs["GROUP_K"] % c.kwargs["BLOCK_K"] == 0]
-        accumulators = _ACCUMULATORS[kernel] * kwargs["BLOCK_M"]
-        fits = [c for c in configs if accumulators * c.kwargs["BLOCK_N"] <= 128 * 32 * c.num_warps]
+        quant = kwargs.get("QUANT", 0)
+        if quant:  # a reduction block within one scale's group; converted 256-deep ones spill
+            group = kwargs["GROUP_K"] or 128
+            configs = [c for c in configs if group % c.kwargs["BLOCK_K"] == 0]
+        # Quantized: fp8's dots are scaled before they add up, a second block of registers
+        # each; integer weights are converted (int4 in fp32) in registers, a block each.
+        projections = _ACCUMULATORS[kernel]
+        accumulators = projections * kwargs["BLOCK_M"] * (2 if quant == 3 else 1)
+        converted = projections if quant in (1, 2) else 0
+
+        def registers(c):
+            return (accumulators + converted * c.kwargs["BLOCK_K"]) * c.kwargs["BLOCK_N"]
+
+        fits = [c for c in configs if registers(c) <= 128 * 32 * c.num_warps]
         cap = max(16, pow2(nargs["F"]))
         near = [c for c in fits if c.kwargs[dim] <= cap and (c.kwargs[dim] > 16 or cap == 16)]
         return near or fits or configs
@@ -313,20 +323,23 @@ if INTERPRET:
 
 
 @functools.cache
-def big_config(path, F):
+def big_config(path, F, fp8=False):
     """The big tiles' fixed configs by kernel for experts F wide: BIG_CONFIGS', with
     gate_up's column block (over F) and down's reduction block (over F) cut to F as a
     power of two, at least 16 (tl.dot's least): a 128-wide block over an 8-wide expert
     would multiply 16 times the columns there are.
 
     Prefill's gate_up and down configs whose blocks F leaves whole read through TMA (TMA,
-    where the launch has descriptors)."""
+    where the launch has descriptors). fp8: prefill's gate_up blocks are 64 wide (its
+    scaled dots hold a second pair of accumulators, which spill at 128 x 128)."""
     fit = max(16, pow2(F))
     configs = dict(BIG_CONFIGS[path])
     for kernel, dim in ((_gate_up_kernel, "BLOCK_N"), (_down_kernel, "BLOCK_K")):
         config = configs[kernel]
         tma = {"TMA": True} if path == "prefill" and config[dim] <= fit else {}
         configs[kernel] = {**config, dim: min(config[dim], fit), **tma}
+    if fp8 and path == "prefill":
+        configs[_gate_up_kernel] = {**configs[_gate_up_kernel], "BLOCK_N": 64}
     return configs
 
 

@@ -3,12 +3,15 @@ and the combine, and the pair sum. See README.md in this folder for the design.
 
 Inside the kernels: i_ program ids, o_ offsets, m_ masks, p_ pointers, b_ blocks.
 
-Quantized weights (moebench/quant.py), QUANT: 1 int8 (a scale per output row, applied
-once after the reduction), 2 int4 (8 values a 32-bit word along the reduction, a scale per
-row per GROUP_K), 3 fp8-block (a scale per SCALE_N rows per GROUP_K, and fp8 activations
-with a scale per row per GROUP_K). Integer values are converted to the activations' dtype
-(exact) and the dot's fp32 result of one group is scaled, so BLOCK_K divides GROUP_K.
-They read through pointers (no TMA).
+Quantized weights (moebench/quant.py) by QUANT, read through pointers (no TMA):
+1 int8: the values converted to the activations' dtype (exact), a scale per output row
+  applied once after the reduction;
+2 int4: 8 values a 32-bit word along the reduction, unpacked, times the scale of their row
+  and group (GROUP_K along the reduction) and rounded once to the activations' dtype;
+3 fp8-block: fp8 x fp8 dots (fp8 activations too), each group's fp32 result times the
+  activations' scale (a row per GROUP_K) and the weights' (SCALE_N rows per GROUP_K).
+A reduction block lies within one group (BLOCK_K divides GROUP_K).
+
 T tokens, D model width, F expert hidden width, E experts, K experts per token,
 S = T*K token-expert pairs.
 """
@@ -30,15 +33,25 @@ def _tile_coords(pid, num_tiles, num_blocks_n, GROUP_SIZE_M: tl.constexpr):
 
 
 @triton.jit
-def _quantized_block(p_w, k, o_k, stride_k, mask, QUANT: tl.constexpr):
-    # The stored weights at reduction rows k + o_k of p_w's columns, [BLOCK_K, BLOCK_N]:
-    # int4 (QUANT 2) unpacked from the words that hold 8 values each (as v + 8, value j of a
-    # word at bits 4j) to its values, the rest as stored.
-    o_r = k + o_k[:, None]
+def _weights_block(
+    p_w, p_s, k, o_k, stride_k, stride_sk, m_k, m_n, QUANT: tl.constexpr, GROUP_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # Quantized weights at reduction rows k + o_k of the columns of p_w [1, BLOCK_N] (scales
+    # at p_s [BLOCK_N]), [BLOCK_K, BLOCK_N] for the dot: int4 (QUANT 2) dequantized in fp32,
+    # the rest as stored. int4 loads each word once and shifts its 8 values (v + 8 at bits
+    # 4j) out; BLOCK_K divides the group, so its rows are all there (no mask along k).
     if QUANT == 2:
-        words = tl.load(p_w + (o_r // 8) * stride_k, mask=mask, other=0)
-        return ((words >> ((o_r % 8) * 4)) & 0xF) - 8
-    return tl.load(p_w + o_r * stride_k, mask=mask, other=0.0)
+        o_w = k // 8 + tl.arange(0, BLOCK_K // 8)
+        words = tl.load(p_w + o_w[:, None] * stride_k, mask=m_n[None, :], other=0)
+        nibbles = (words[:, None, :] >> (tl.arange(0, 8) * 4)[None, :, None]) & 0xF
+        values = tl.reshape(nibbles, (BLOCK_K, BLOCK_N)) - 8
+        scale = tl.load(p_s + (k // GROUP_K) * stride_sk, mask=m_n, other=0.0)
+        b_w = values.to(tl.float32) * scale.to(tl.float32)[None, :]
+    else:  # one return: the compiler types every return of a function alike
+        b_w = tl.load(p_w + (k + o_k[:, None]) * stride_k, mask=m_k[:, None] & m_n[None, :],
+                      other=0.0)  # fmt: skip
+    return b_w
 
 
 @triton.jit
@@ -123,23 +136,24 @@ def _gate_up_tile(
         m_k = o_k < D - k
         b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0)
         if QUANT:
-            m_w = m_k[:, None] & m_n[None, :]
-            b_wg = _quantized_block(p_wq, k, o_k, stride_wd, m_w, QUANT).to(b_x.dtype)
-            b_wu = _quantized_block(p_wq + F * stride_wf, k, o_k, stride_wd, m_w, QUANT)
-            b_wu = b_wu.to(b_x.dtype)
-            if QUANT == 1:  # one scale a row: after the reduction
-                b_gate += tl.dot(b_x, b_wg, input_precision="ieee")
-                b_up += tl.dot(b_x, b_wu, input_precision="ieee")
-            else:
-                i_s = k // GROUP_K  # the scales' group
+            b_wg = _weights_block(
+                p_wq, p_sg, k, o_k, stride_wd, stride_wsk, m_k, m_n, QUANT, GROUP_K, BLOCK_K,
+                BLOCK_N,
+            ).to(b_x.dtype)  # fmt: skip
+            b_wu = _weights_block(
+                p_wq + F * stride_wf, p_su, k, o_k, stride_wd, stride_wsk, m_k, m_n, QUANT,
+                GROUP_K, BLOCK_K, BLOCK_N,
+            ).to(b_x.dtype)  # fmt: skip
+            if QUANT == 3:  # this group's dots times x's and the weights' scales
+                i_s = k // GROUP_K
+                b_sx = tl.load(p_sx + i_s * stride_ask, mask=m_m, other=0.0)[:, None]
                 b_sg = tl.load(p_sg + i_s * stride_wsk, mask=m_n, other=0.0)[None, :]
                 b_su = tl.load(p_su + i_s * stride_wsk, mask=m_n, other=0.0)[None, :]
-                if QUANT == 3:
-                    b_sx = tl.load(p_sx + i_s * stride_ask, mask=m_m, other=0.0)[:, None]
-                    b_sg = b_sg * b_sx
-                    b_su = b_su * b_sx
-                b_gate += tl.dot(b_x, b_wg, input_precision="ieee") * b_sg
-                b_up += tl.dot(b_x, b_wu, input_precision="ieee") * b_su
+                b_gate += tl.dot(b_x, b_wg) * (b_sx * b_sg)
+                b_up += tl.dot(b_x, b_wu) * (b_sx * b_su)
+            else:
+                b_gate += tl.dot(b_x, b_wg, input_precision="ieee")
+                b_up += tl.dot(b_x, b_wu, input_precision="ieee")
         else:
             if TMA:
                 b_wg = w_desc.load([w_row, k]).T
@@ -240,17 +254,16 @@ def _down_tile(
             if QUANT:
                 m_k = o_k < F - k
                 b_h = tl.load(p_h, mask=m_m[:, None] & m_k[None, :], other=0.0)
-                m_w = m_k[:, None] & m_n[None, :]
-                b_w = _quantized_block(p_wq, k, o_k, stride_wf, m_w, QUANT).to(b_h.dtype)
-                if QUANT == 1:
-                    b_y += tl.dot(b_h, b_w, input_precision="ieee")
+                b_w = _weights_block(p_wq, p_sw, k, o_k, stride_wf, stride_wsk, m_k, m_n, QUANT,
+                                     GROUP_K, BLOCK_K, BLOCK_N).to(b_h.dtype)  # fmt: skip
+                if QUANT == 3:  # this group's dot times h's and the weights' scales
+                    i_s = k // GROUP_K
+                    b_sh = tl.load(as_ptr + o_m * stride_ast + i_s * stride_ask, mask=m_m,
+                                   other=0.0)  # fmt: skip
+                    b_sw = tl.load(p_sw + i_s * stride_wsk, mask=m_n, other=0.0)
+                    b_y += tl.dot(b_h, b_w) * (b_sh[:, None] * b_sw[None, :])
                 else:
-                    i_s = k // GROUP_K  # the scales' group
-                    b_s = tl.load(p_sw + i_s * stride_wsk, mask=m_n, other=0.0)[None, :]
-                    if QUANT == 3:
-                        p_sh = as_ptr + o_m * stride_ast + i_s * stride_ask
-                        b_s = b_s * tl.load(p_sh, mask=m_m, other=0.0)[:, None]
-                    b_y += tl.dot(b_h, b_w, input_precision="ieee") * b_s
+                    b_y += tl.dot(b_h, b_w, input_precision="ieee")
             elif TMA:
                 b_h = h_desc.load([row_start.to(tl.int32), k])
                 b_w = w_desc.load([w_row, k]).T

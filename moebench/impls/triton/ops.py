@@ -119,12 +119,12 @@ def expert_grad_args(a_SN, b_SC, out_ENC, schedule, weights_S, *, top_k, s_bucke
 # -- Launchers ----------------------------------------------------------------------------
 
 
-def plan(schedule, block_m, big_m, path, F):
-    """The sections (launches) over a schedule of experts F wide: its big-tile slots with
-    their fixed configs, if any, then the others."""
+def plan(schedule, block_m, big_m, path, F, fp8=False):
+    """The sections (launches) over a schedule of experts F wide (fp8-block weights: fp8):
+    its big-tile slots with their fixed configs, if any, then the others."""
     S = schedule.order_S.numel()
     big = big_slots(S, big_m, configs.tall_over(path, block_m))
-    fixed = configs.big_config(path, F) if big else None
+    fixed = configs.big_config(path, F, fp8) if big else None
     return launch._sections(schedule, block_m, big_m, big, fixed)
 
 
