@@ -90,8 +90,9 @@ class Profile:
     # n_group=W, topk_group=M), where W divides E and M ranks hold K experts.
     ep_group_limits: tuple[int, ...] = ()
     # The quant family: B, the block (group) size of its formats, and the models family's
-    # token counts it takes (None: all of model_tokens).
+    # presets and token counts it takes (None: all of them).
     quant_block: int = 128
+    quant_models: tuple[str, ...] | None = None
     quant_tokens: tuple[int, ...] | None = None
 
     def experts(self) -> list[int]:
@@ -162,9 +163,11 @@ PROFILES = {
             # llama4 D=320); 32 divides them all, not sonicmoe's E=256 shape (F=16).
             quant_block=32,
             # naive, padded and sorted dequantize every expert's weights on each call (the
-            # reference semantics): 2-3 s a call at deepseek-v3 and llama4 here, whatever T,
-            # so the cpu sweep takes one decode and one prefill token count.
-            quant_tokens=(1, 256),
+            # reference semantics): 2-3 s a call at deepseek-v3 and llama4 here, whatever T
+            # (over 6 minutes for one point's 15 records), 0.2-0.3 s at mixtral and qwen3.
+            # So the cpu sweep takes those two at decode, and sonicmoe's prefill shape.
+            quant_models=("mixtral-8x7b", "qwen3-235b-a22b"),
+            quant_tokens=(1,),
         ),
         Profile(
             name="tiny",
@@ -348,13 +351,15 @@ def points(family: str, profile: str | Profile | None = None) -> list[Point]:
 
 
 def quant_points(p: Profile) -> list[Point]:
-    """The quant family: the models points at quant_tokens and the sonicmoe points, each in
-    every format of QUANTS. Points whose D or F the profile's block B does not divide are
-    left out for every format (fp8-block's BxB blocks and int4's 1xB groups cover whole
-    rows and columns of both projections; int8 alone would run), so that the formats
-    compare on the same points."""
+    """The quant family: the models points of quant_models at quant_tokens and the
+    sonicmoe points, each in every format of QUANTS. Points whose D or F the profile's
+    block B does not divide are left out for every format (fp8-block's BxB blocks and
+    int4's 1xB groups cover whole rows and columns of both projections; int8 alone would
+    run), so that the formats compare on the same points."""
     tokens = p.model_tokens if p.quant_tokens is None else p.quant_tokens
-    base = [pt for pt in points("models", p) if pt.T in tokens] + points("sonicmoe", p)
+    models = PRESETS if p.quant_models is None else p.quant_models
+    base = [pt for pt in points("models", p) if pt.T in tokens and pt.label.split("/")[0] in models]
+    base += points("sonicmoe", p)
     B = p.quant_block
     return [
         dataclasses.replace(pt, family=QUANT, label=f"{pt.label}/{fmt}", quant=fmt)

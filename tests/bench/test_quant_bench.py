@@ -20,18 +20,20 @@ BASE = "deepseek-v3/T=16"  # tiny: D=112, F=32, E=256, K=8, a shared expert
 @pytest.mark.parametrize("name", grid.SWEEP_PROFILES)
 def test_quant_points_are_models_and_sonicmoe_points_in_each_format(name):
     p = grid.get_profile(name)
-    tokens = p.quant_tokens or p.model_tokens
+    tokens, models = p.quant_tokens or p.model_tokens, p.quant_models or grid.PRESETS
     bases = [pt for pt in grid.points("models", p) if pt.T in tokens]
+    bases = [pt for pt in bases if pt.label.split("/")[0] in models]
     bases += grid.points("sonicmoe", p)
     points = grid.points(grid.QUANT, p)
     fits = lambda pt: pt.cfg.d_model % p.quant_block == 0 and pt.cfg.d_ff % p.quant_block == 0
     expected = [(f"{b.label}/{q}", b.cfg, b.T, q) for b in bases if fits(b) for q in QUANTS]
     assert [(pt.label, pt.cfg, pt.T, pt.quant) for pt in points] == expected
     assert {pt.family for pt in points} == {grid.QUANT}
-    # Every preset is in (the block divides their shrunk D and F); sonicmoe's narrow
-    # shape is left out on the small profiles, kept on the gpu.
+    # The block divides every preset's shrunk D and F; sonicmoe's narrow shape is left out
+    # on the small profiles, kept on the gpu.
     presets = {pt.label.split("/")[0] for pt in points}
-    assert set(grid.PRESETS) <= presets
+    assert set(models) <= presets
+    assert all(fits(pt) for pt in grid.points("models", p))
     narrow = [b.label for b in grid.points("sonicmoe", p) if not fits(b)]
     assert bool(narrow) == (name != "gpu")
     assert not any(pt.label.startswith(tuple(narrow)) for pt in points if narrow)
