@@ -11,8 +11,10 @@ with NaN, and compares the layer with the float64 oracle (`moebench.reference`) 
 dtype's tolerance (moebench.bench.oracle). The cases: awkward shapes (T, D, F multiples of
 no block size), T = 1 and T = 0, K = 1 and K = E, most experts empty, every skew including
 `hot` and `collapse` (where a per-expert capacity drops rows), ids as int32 and int64,
-non-contiguous inputs, each declared dtype, and the gradients of x, the routing weights and
-both projections against float64 autograd when the impl declares itself differentiable.
+non-contiguous inputs, each declared dtype, the gradients of x, the routing weights and
+both projections against float64 autograd when the impl declares itself differentiable,
+and each quantized weight format it declares (moebench/quant.py, blocks of 128) against the
+oracle of that format.
 
 T tokens, D model width, F expert hidden width, E experts, K experts per token.
 """
@@ -41,6 +43,8 @@ SHAPES = {
     "K1": (50, 36, 12, 16, 1),
     "KeqE": (19, 36, 12, 4, 4),
     "empty-experts": (13, 36, 12, 64, 2),
+    # quantized weights: D and F whole blocks of 128
+    "quant": (37, 256, 128, 6, 3),
 }
 # Each case runs one skew; each shape runs every skew (a drop under skew shows in hot and
 # collapse, a tail bug in every one).
@@ -55,6 +59,7 @@ class Case:
     ids: torch.dtype = torch.int64
     contiguous: bool = True
     grad: bool = False
+    quant: str | None = None  # the weights' format
 
     def __str__(self):
         T, D, F, E, K = SHAPES[self.shape]
@@ -66,6 +71,8 @@ class Case:
             what.append("non-contiguous")
         if self.grad:
             what.append("gradients")
+        if self.quant:
+            what.append(f"{self.quant} weights")
         return ", ".join(what)
 
 
@@ -99,17 +106,19 @@ class Report:
         return "\n".join(lines)
 
 
-def cases(dtypes, differentiable: bool) -> list[Case]:
-    """The kit's cases for an impl taking `dtypes`: every shape and skew in the main dtype
-    (float32 where declared: the tightest tolerance short of float64), then the others."""
+def cases(dtypes, differentiable: bool, quant=()) -> list[Case]:
+    """The kit's cases for an impl taking `dtypes` (and the weight formats `quant`): every
+    shape and skew in the main dtype (float32 where declared: the tightest tolerance short
+    of float64), then the others."""
     main = torch.float32 if torch.float32 in dtypes else dtypes[0]
-    out = [Case(shape, skew, main) for shape in SHAPES for skew in SKEWS]
+    out = [Case(shape, skew, main) for shape in SHAPES if shape != "quant" for skew in SKEWS]
     out += [Case("awkward", "zipf:1.2", d) for d in dtypes if d != main]
     out += [Case("awkward", skew, main, ids=torch.int32) for skew in ("random", "hot:0.5")]
     out += [Case("awkward", "random", main, contiguous=False)]
     if differentiable:
         out += [Case(s, skew, main, grad=True) for s in ("awkward", "empty-experts")
                 for skew in ("random", "collapse")]  # fmt: skip
+    out += [Case("quant", skew, main, quant=q) for q in quant for skew in ("random", "collapse")]
     return out
 
 
@@ -135,7 +144,7 @@ def _inputs(case: Case, device):
     if not case.contiguous:
         x, r = _strided(x), Routing(_strided(r.ids), _strided(r.weights))
         w = ExpertWeights(_strided(w.gate_up), _strided(w.down))
-    return x, r, w
+    return x, r, w.quantize(case.quant) if case.quant else w
 
 
 def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -155,7 +164,7 @@ def _forward(impl, case: Case, device, options) -> str | None:
     bad = (~torch.isfinite(y)).any(dim=1).sum().item()
     if bad:
         return f"{bad} of {x.shape[0]} output rows hold NaN or inf (not written?)"
-    err, tol = _rel_err(y, reference(x, r, w)), tolerance(case.dtype)
+    err, tol = _rel_err(y, reference(x, r, w)), tolerance(case.dtype, case.quant)
     return None if err < tol else f"rel_err {err:.2e} against float64 > tolerance {tol:.0e}"
 
 
@@ -209,7 +218,7 @@ def check_impl(impl: str | Callable, *, dtypes=None, device=None, differentiable
     if not runnable:
         raise ValueError(f"nothing to check on {device}: " + "; ".join(skipped))
     results = []
-    for case in cases(runnable, differentiable):
+    for case in cases(runnable, differentiable, spec.quant):
         try:
             error = (_grads if case.grad else _forward)(spec, case, device, options or {})
         except registry.Unavailable:

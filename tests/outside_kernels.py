@@ -49,3 +49,13 @@ def drops_past_capacity(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF):
     rank[order] = torch.arange(flat.numel()) - starts[flat[order]]
     kept = (rank < capacity).view(T, K)
     return correct(x_TD, ids_TK, weights_TK * kept, gate_up_E2FD, down_EDF)
+
+
+@mb.declare(dtypes=(torch.float32,), quant=("int8", "int4"))
+def forgets_scales(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF):
+    """Takes int8 and int4 weights and multiplies by their stored values, not value * scale."""
+    gate_up, down = (
+        w.values().to(x_TD.dtype) if isinstance(w, mb.quant.QuantizedTensor) else w
+        for w in (gate_up_E2FD, down_EDF)
+    )
+    return correct(x_TD, ids_TK, weights_TK, gate_up, down)

@@ -24,8 +24,16 @@ def test_a_correct_outside_implementation_conforms():
     assert any(r.case.grad for r in cases)
     assert {r.case.ids for r in cases} == {torch.int32, torch.int64}
     assert any(not r.case.contiguous for r in cases)
-    assert {r.case.shape for r in cases} == set(SHAPES)
+    assert {r.case.shape for r in cases} == set(SHAPES) - {"quant"}  # it declares no format
     assert {r.case.skew for r in cases} == set(SKEWS)
+
+
+def test_a_quantized_kernel_is_checked_in_the_formats_it_declares():
+    report = check_impl(kernels.forgets_scales, raise_on_failure=False)
+    assert {r.case.quant for r in report.failed} == {"int8", "int4"}
+    assert {r.case.quant for r in report.results} == {None, "int8", "int4"}
+    assert all(r.case.quant for r in report.failed)  # the float cases pass
+    assert "quant (T=37 D=256 F=128 E=6 K=3), random, float32, int4 weights: rel_err" in str(report)
 
 
 def test_ignoring_the_routing_weights_fails_and_says_where():

@@ -19,7 +19,7 @@ counted), at their fixed block sizes. Each kernel's arguments come from the laye
 argument builders (moebench.impls.triton.ops and .schedule), given stand-ins for tensors.
 Quantized weights (int8, int4, fp8-block with 128 blocks): the forward kernels with the
 pointer configs that their pruning keeps for wide experts at the tile heights of QUANT_M,
-and the fixed big-tile configs.
+the fixed big-tile configs, and the fp8 activations' quantization.
 
     python tools/compile_check.py [--only KERNEL] [--jobs N]   # TRITON_INTERPRET unset
 """
@@ -196,6 +196,8 @@ def _quant_cases(configs, search, heights) -> list[Case]:
                 config = {**next(c for k, c in fixed.items() if k.__name__ == f"_{kernel}_kernel"),
                           "TMA": False}  # fmt: skip
                 out.append(Case(kernel, f"big-{path}", heights[path], config, fmt))
+    rows = {"GROUP": 128, "BLOCK_M": configs.QUANTIZE_ROWS, "num_warps": 4, "num_stages": 3}
+    out.append(Case("quantize_rows", "fp8", 0, rows, "fp8-block"))
     return out
 
 
@@ -286,6 +288,10 @@ def _quant_launch_args(case: Case, tiles, section):
 
     _, kernels, _, ops, _ = _layer()
     bf16, f32 = torch.bfloat16, torch.float32
+    if case.kernel == "quantize_rows":  # h [S, F] -> fp8 [S, F], scales [S, F / 128]
+        fp8 = Like(torch.float8_e4m3fn, S, F)
+        args = ops.quantize_rows_args(Like(bf16, S, F), fp8, Like(f32, S, F // 128))
+        return kernels._quantize_rows_kernel, tuple(a.dtype for a in args[:3]) + args[3:], {}
     f = FORMATS[case.quant]
     fp8 = f.activations
     act = torch.float8_e4m3fn if fp8 else bf16
@@ -362,7 +368,10 @@ def format_table(results: list[Result]) -> str:
         variant += "/loop" if c.get("LOOP") else ""
         variant += "/pers" if c.get("PERSISTENT") else ""
         width = c.get(
-            "BLOCK_N", c.get("BLOCK_E", c.get("BLOCK_SLOTS", c.get("BLOCK_D", c.get("BLOCK"))))
+            "BLOCK_N",
+            c.get(
+                "BLOCK_E", c.get("BLOCK_SLOTS", c.get("BLOCK_D", c.get("BLOCK", c.get("GROUP"))))
+            ),
         )
         inner = c.get("BLOCK_K", c.get("BLOCK_C", c.get("CHUNK", 0)))
         verdict = "ok" if r.ok else (r.error or f"SPILLS {r.spill_bytes} B")

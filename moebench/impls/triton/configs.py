@@ -61,10 +61,12 @@ if INTERPRET:  # its cost is per op, not per element: one wide step, not (S / 32
     SCHEDULE_BLOCKS["counted"] = {"BLOCK": COUNTED_MAX_PAIRS, "CHUNK": COUNTED_MAX_PAIRS}
 # Elements a program of the pair sum adds up (4 warps).
 PAIR_SUM_ELEMENTS = 2048
+# Rows of 128 columns a program of the fp8 activations' quantization takes (4 warps).
+QUANTIZE_ROWS = 32
 
 KNOBS = (
     "DECODE_MAX_TOKENS", "BIG_M", "DECODE_BIG_M", "LOOP_MAX_M", "COUNTED_MAX_PAIRS",
-    "SCHEDULE_BLOCKS", "PAIR_SUM_ELEMENTS",
+    "SCHEDULE_BLOCKS", "PAIR_SUM_ELEMENTS", "QUANTIZE_ROWS",
 )  # fmt: skip
 
 

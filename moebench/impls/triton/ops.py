@@ -17,7 +17,7 @@ import torch
 
 from ...quant import QuantizedTensor, quantize_activations
 from . import configs, launch
-from .kernels import _down_kernel, _gate_up_kernel, _pair_sum_kernel
+from .kernels import _down_kernel, _gate_up_kernel, _pair_sum_kernel, _quantize_rows_kernel
 from .schedule import TileSchedule, big_slots
 
 # -- Quantized weights --------------------------------------------------------------------
@@ -84,6 +84,13 @@ def down_args(h_SF, down_EDF, y, weights_S, schedule, h_desc, w_desc, *, top_k, 
         count, *h_SF.stride(), *down_EDF.stride(), *y.stride(),
         *(quant.args() if quant else _NO_QUANT),
     )  # fmt: skip
+
+
+def quantize_rows_args(a_MK, q_MK, scale_MG):
+    """_quantize_rows_kernel's positional arguments: a [M, K] -> fp8 q [M, K] and scales
+    [M, K / group]."""
+    return (a_MK, q_MK, scale_MG, a_MK.shape[0], *a_MK.stride(), *q_MK.stride(),
+            *scale_MG.stride())  # fmt: skip
 
 
 def pair_sum_args(y_SD, out_TD):
@@ -228,17 +235,34 @@ def quantized_forward(x_TD, gate_up, down, weights_S, schedule, sections, out_TD
     their scales; fp8-block's activations (x, then h) are quantized first, a scale per row
     per block. Returns the configs of the last launches by kernel."""
     fp8 = gate_up.format.activations
-    x_in, x_scale = quantize_activations(x_TD, gate_up.block) if fp8 else (x_TD, None)
+    x_in, x_scale = quantize_rows(x_TD, gate_up.block) if fp8 else (x_TD, None)
     h_SF, gate_up_config = gate_up_swiglu(
         x_in, gate_up.data, schedule, sections, top_k, path, t_bucket,
         quant_for(gate_up, x_scale), h_dtype=x_TD.dtype,
     )  # fmt: skip
-    h_in, h_scale = quantize_activations(h_SF, down.block) if fp8 else (h_SF, None)
+    h_in, h_scale = quantize_rows(h_SF, down.block) if fp8 else (h_SF, None)
     _, down_config = down_combine(
         h_in, down.data, weights_S, schedule, sections, out_TD, top_k, path, t_bucket, combine,
         quant_for(down, h_scale),
     )  # fmt: skip
     return {"gate_up": gate_up_config, "down": down_config}
+
+
+def quantize_rows(a_MK, block):
+    """fp8 activations: (values [M, K], scales [M, K / block]) as
+    moebench.quant.quantize_activations gives them, in one kernel: torch's six passes over
+    h took as long as a third of the layer at prefill (a prediction). Under the interpreter
+    torch's, whose fp32 -> fp8 conversion the interpreter gets wrong (-31.2 became -16)."""
+    if configs.INTERPRET:
+        return quantize_activations(a_MK, block)
+    M, K = a_MK.shape
+    q_MK = a_MK.new_empty(M, K, dtype=torch.float8_e4m3fn)
+    scale_MG = a_MK.new_empty(M, K // block, dtype=torch.float32)
+    rows = configs.QUANTIZE_ROWS
+    grid = (configs.cdiv(M, rows), K // block)
+    meta = {"GROUP": block, "BLOCK_M": rows}
+    launch._run(_quantize_rows_kernel, grid, quantize_rows_args(a_MK, q_MK, scale_MG), meta)
+    return q_MK, scale_MG
 
 
 def pair_sum(y_SD, out_TD, top_k):

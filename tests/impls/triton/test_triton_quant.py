@@ -13,7 +13,8 @@ from triton_cases import DEVICE
 import moebench as mb
 from moebench.bench.grid import SKEWS
 from moebench.bench.oracle import tolerance
-from moebench.quant import QuantizedTensor, QuantizedWeights
+from moebench.impls.triton import ops
+from moebench.quant import QuantizedTensor, QuantizedWeights, quantize_activations
 
 # D and F: the layer's blocks must be multiples of 128 (QUANT_BLOCK); the interpreter's
 # 32-wide reduction blocks cross several scale groups of a row.
@@ -76,6 +77,22 @@ def test_a_wrong_kernel_would_be_caught():
     )
     assert rel(mb.moe_forward(x, r, unscaled, impl="triton"), ref) > 0.5
     assert rel(mb.moe_forward(x, r, qw, impl="triton"), ref) < tolerance(torch.float32)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter converts fp32 to fp8 wrongly")
+def test_activation_quantization_kernel_matches_torch():
+    """The fp8 activations' kernel against moebench.quant's torch code (what runs under the
+    interpreter and in the oracle): equal scales, values at most one fp8 step apart, few."""
+    gen = torch.Generator(device=DEVICE).manual_seed(5)
+    a = torch.randn(300, 384, generator=gen, device=DEVICE) * torch.rand(300, 1, device=DEVICE)
+    a[7] = 0  # an all-zero row: its scale is 1e-10 / 448
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        q, s = ops.quantize_rows(a.to(dtype), 128)
+        want_q, want_s = quantize_activations(a.to(dtype), 128)
+        assert torch.equal(s, want_s)
+        got, want = q.float(), want_q.float()
+        assert (got != want).float().mean() < 1e-3
+        assert ((got - want).abs() <= want.abs() / 8).all()
 
 
 def test_refusals():
