@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -33,7 +33,9 @@ from .weights import ExpertWeights, _shape
 FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
 ACT_EPS = 1e-10  # the least amax an fp8 activation scale divides by (an all-zero block)
 BLOCK = 128
-_DEQUANTIZE_BYTES = 2**28  # the wide copy dequantize() makes at a time
+# The fp32 (float64) copy that quantize and dequantize make at a time: a few experts, not
+# the 45 GB of deepseek-v3's experts in fp32.
+_CHUNK_BYTES = 2**28
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,26 +138,25 @@ class QuantizedTensor:
         """The stored values as [E, N, K]: fp8 as stored, integers as int8."""
         if self.fmt != "int4":
             return self.data
-        words = self.data.to(torch.int64) & 0xFFFFFFFF
-        shifts = torch.arange(0, 32, 4, device=self.device)
-        nibbles = (words[..., None] >> shifts) & 0xF  # [E, N, K/8, 8]
-        return (nibbles - 8).to(torch.int8).flatten(2)
+        shifts = torch.arange(0, 32, 4, device=self.device, dtype=torch.int32)
+        nibbles = (self.data[..., None] >> shifts) & 0xF  # [E, N, K/8, 8]; & drops the sign
+        return (nibbles.to(torch.int8) - 8).flatten(2)
 
     def dequantize(self, dtype: torch.dtype | str | None = None) -> torch.Tensor:
         """value * scale as [E, N, K] in `dtype` (default the activations'): exact in
         float64; otherwise computed in fp32 (exact for the integer formats' 16-bit scales)
-        and rounded to `dtype`, a few experts at a time, so that no full-size fp32 copy is
-        made (deepseek-v3's experts are 45 GB in fp32)."""
+        and rounded to `dtype`, a few experts at a time."""
         dtype = torch_dtype(dtype or self.act_dtype)
         wide = torch.float64 if dtype == torch.float64 else torch.float32
         E, N, K = self.shape
         rows, cols = self.format.scale_block(self.block, K)
         out = torch.empty(E, N, K, dtype=dtype, device=self.device)
-        step = max(1, _DEQUANTIZE_BYTES // (N * K * wide.itemsize))
+        step = max(1, _CHUNK_BYTES // (N * K * wide.itemsize))
         for lo in range(0, E, step):
             part = self.select(slice(lo, lo + step))
-            scale = part.scale.to(wide).repeat_interleave(rows, 1).repeat_interleave(cols, 2)
-            out[lo : lo + step] = part.values().to(wide) * scale
+            blocks = _blocks(part.values().to(wide), rows, cols)
+            dense = blocks * part.scale.to(wide)[:, :, None, :, None]
+            out[lo : lo + step] = dense.flatten(3).flatten(1, 2)
         return out
 
     def select(self, experts: torch.Tensor | slice) -> QuantizedTensor:
@@ -173,26 +174,30 @@ def _blocks(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 
 def quantize_tensor(w: torch.Tensor, fmt: str, block: int = BLOCK) -> QuantizedTensor:
-    """Quantize a projection [E, N, K] (round to nearest, symmetric, scale = amax / qmax)."""
+    """Quantize a projection [E, N, K] (round to nearest, symmetric, scale = amax / qmax),
+    a few experts at a time."""
     f = get_format(fmt)
     E, N, K = w.shape
     rows, cols = f.scale_block(block, K)
     if N % rows or K % cols:
         raise ValueError(f"{fmt} blocks of {rows}x{cols} do not divide a [N={N}, K={K}] projection")
     scale_dtype = torch.float32 if fmt == "fp8-block" else w.dtype
-    blocks = _blocks(w.float(), rows, cols)
-    amax = blocks.abs().amax(dim=(2, 4), keepdim=True)
-    # Rounded to the stored dtype first, so that the values are quantized by the scale
-    # that dequantize() multiplies by.
-    scale = (amax / f.qmax).to(scale_dtype).float()
-    q = (blocks / scale.clamp_min(torch.finfo(scale_dtype).tiny)).reshape(E, N, K)
-    if fmt == "fp8-block":
-        data = q.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    else:
-        data = q.round().clamp(-f.qmax - (fmt == "int4"), f.qmax).to(torch.int8)
-        if fmt == "int4":
-            data = pack_int4(data)
-    scale = scale.reshape(E, N // rows, K // cols).to(scale_dtype)
+    data = torch.empty(E, N, K // f.per_element, dtype=f.storage, device=w.device)
+    scale = torch.empty(E, N // rows, K // cols, dtype=scale_dtype, device=w.device)
+    step = max(1, _CHUNK_BYTES // (N * K * 4))
+    for lo in range(0, E, step):
+        blocks = _blocks(w[lo : lo + step].float(), rows, cols)
+        amax = blocks.abs().amax(dim=(2, 4), keepdim=True)
+        # Rounded to the stored dtype first, so that the values are quantized by the scale
+        # that dequantize() multiplies by.
+        s = (amax / f.qmax).to(scale_dtype).float()
+        q = (blocks / s.clamp_min(torch.finfo(scale_dtype).tiny)).flatten(3).flatten(1, 2)
+        if fmt == "fp8-block":
+            data[lo : lo + step] = q.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        else:
+            q = q.round().clamp(-f.qmax - (fmt == "int4"), f.qmax).to(torch.int8)
+            data[lo : lo + step] = pack_int4(q) if fmt == "int4" else q
+        scale[lo : lo + step] = s.squeeze(4).squeeze(2)
     return QuantizedTensor(fmt, data, scale, block, w.dtype)
 
 
@@ -467,6 +472,26 @@ def quantize_activations(a_MK: torch.Tensor, block: int) -> tuple[torch.Tensor, 
     scale = blocks.abs().amax(-1, keepdim=True).clamp_min(ACT_EPS) / FP8_MAX
     values = (blocks / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return values.view(M, K), scale.squeeze(-1)
+
+
+class _Dequantized(Sequence):
+    """A QuantizedTensor's experts, each dequantized when it is read."""
+
+    def __init__(self, w: QuantizedTensor, dtype: torch.dtype):
+        self.w, self.dtype = w, dtype
+
+    def __getitem__(self, e: int) -> torch.Tensor:
+        return self.w.select(slice(e, e + 1)).dequantize(self.dtype)[0]
+
+    def __len__(self) -> int:
+        return self.w.shape[0]
+
+
+def experts(w, dtype: torch.dtype) -> Sequence[torch.Tensor]:
+    """Each expert's projection by expert id: a tensor's views (one unbind: its backward
+    stacks the experts' gradients once, where w[e] would add a full-size zero tensor per
+    expert), a QuantizedTensor's dequantized in `dtype` as each is read."""
+    return _Dequantized(w, dtype) if isinstance(w, QuantizedTensor) else w.unbind(0)
 
 
 def dense(w, dtype: torch.dtype) -> torch.Tensor:

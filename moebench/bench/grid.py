@@ -162,12 +162,13 @@ PROFILES = {
             # 128 divides none of the presets shrunk by 16 (deepseek-v3 D=448, qwen3 F=96,
             # llama4 D=320); 32 divides them all, not sonicmoe's E=256 shape (F=16).
             quant_block=32,
-            # naive, padded and sorted dequantize every expert's weights on each call (the
-            # reference semantics): 2-3 s a call at deepseek-v3 and llama4 here, whatever T
-            # (over 6 minutes for one point's 15 records), 0.2-0.3 s at mixtral and qwen3.
-            # So the cpu sweep takes those two at decode, and sonicmoe's prefill shape.
+            # naive, padded and sorted dequantize the experts' weights on each call (the
+            # reference semantics; naive and sorted the experts that received tokens):
+            # 0.4-0.8 s a call at deepseek-v3 and llama4 here where every expert is touched
+            # (T=256, or padded at any T), 20-40 ms at mixtral. So the cpu sweep takes
+            # mixtral and qwen3, at decode and prefill, and sonicmoe's prefill shape.
             quant_models=("mixtral-8x7b", "qwen3-235b-a22b"),
-            quant_tokens=(1,),
+            quant_tokens=(1, 256),
         ),
         Profile(
             name="tiny",

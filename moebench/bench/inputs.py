@@ -6,22 +6,17 @@ K experts per token, S = T*K token-expert pairs, B the quantization block size.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import os
 
 import torch
 
-from ..quant import QuantizedWeights
 from ..weights import ExpertWeights
 from . import grid
 from .records import failure
 from .roofline import quant_expert_bytes
 
 SEED = 0
-# Weights quantized at a time: quantize() makes float32 temporaries of what it quantizes
-# (about 16 bytes a weight), here at most ~4 GiB.
-QUANT_SLICE = 2**28
 
 
 def free_memory(device: torch.device) -> int:
@@ -44,12 +39,11 @@ def point_inputs(point: grid.Point, device: torch.device, dtype: torch.dtype, bl
     experts = cfg.num_experts * cfg.d_ff + cfg.d_ff_shared
     weights_bytes = 3 * cfg.d_model * experts * dtype.itemsize
     if point.quant:
-        # The float weights, the quantized slices and their concatenation, at the peak. The
-        # float weights are kept: the layer already fitted beside them while quantized (on
-        # an 80 GB H100, deepseek-v3 is 22 GB in bf16 and 11 GB in fp8-block), and quant_err
-        # needs the unquantized oracle's experts, which each routing picks.
-        quantized = cfg.num_experts * quant_expert_bytes(cfg, point.quant, block, dtype)
-        weights_bytes += 2 * quantized
+        # The float weights and the quantized ones (quantize works a few experts at a
+        # time). The float weights are kept: quant_err needs the unquantized oracle's
+        # experts, which each routing picks (on an 80 GB H100, deepseek-v3 is 22 GB in
+        # bf16 and 11 GB in fp8-block).
+        weights_bytes += cfg.num_experts * quant_expert_bytes(cfg, point.quant, block, dtype)
     # Leave a tenth of the free memory for the layer's own buffers.
     free = free_memory(device)
     if weights_bytes > 0.9 * free:
@@ -60,7 +54,7 @@ def point_inputs(point: grid.Point, device: torch.device, dtype: torch.dtype, bl
     try:
         weights = floats = ExpertWeights.random(cfg, dtype=dtype, device=device, seed=SEED)
         if point.quant:
-            weights = quantize(floats, point.quant, block)
+            weights = floats.quantize(point.quant, block)
         else:
             floats = None
         gen = torch.Generator(device=device).manual_seed(SEED + 1)
@@ -69,25 +63,3 @@ def point_inputs(point: grid.Point, device: torch.device, dtype: torch.dtype, bl
         release(device)
         return None, failure(e)
     return (weights, x_TD, floats), None
-
-
-def quantize(weights: ExpertWeights, fmt: str, block: int) -> QuantizedWeights:
-    """weights.quantize(fmt, block), a slice of QUANT_SLICE weights' experts at a time (a
-    block never spans two experts, so the result is the same): quantizing deepseek-v3's
-    gate_up whole would take three float32 copies of it, 90 GB."""
-    E, step = weights.num_experts, max(1, QUANT_SLICE // (3 * weights.d_model * weights.d_ff))
-    parts = [
-        ExpertWeights(weights.gate_up[e : e + step], weights.down[e : e + step]).quantize(
-            fmt, block
-        )
-        for e in range(0, E, step)
-    ]
-
-    def cat(projections):
-        data, scale = (torch.cat([getattr(q, n) for q in projections]) for n in ("data", "scale"))
-        return dataclasses.replace(projections[0], data=data, scale=scale)
-
-    shared = {n: t for n, t in weights.tensors().items() if n.startswith("shared")}
-    return QuantizedWeights(
-        cat([q.gate_up for q in parts]), cat([q.down for q in parts]), weights.dtype, **shared
-    )

@@ -4,7 +4,8 @@ T tokens, D model width, F expert hidden width, E experts, K experts per token,
 S = T*K token-expert pairs. Each expert gathers its tokens, runs its SwiGLU MLP with two
 matmuls and adds the weighted result back with `index_add_`: one launch per expert, which
 is what the other implementations exist to avoid. Quantized projections are dequantized
-first, and their activations quantized as their format does (moebench/quant.py).
+an expert at a time, and their activations quantized as their format does
+(moebench/quant.py).
 """
 
 import torch
@@ -20,10 +21,8 @@ def forward(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF, out_TD, stats):
     ids_S = ids_TK.flatten()
     weights_S = weights_TK.flatten().to(acc_dtype)
     experts = ids_S.unique().tolist()
-    # Views of each expert taken in one unbind: its backward stacks the per-expert gradients
-    # once, where indexing gate_up[e] would add a full-size zero tensor per expert.
-    gate_up_E = quant.dense(gate_up_E2FD, x_TD.dtype).unbind(0)
-    down_E = quant.dense(down_EDF, x_TD.dtype).unbind(0)
+    gate_up_E = quant.experts(gate_up_E2FD, x_TD.dtype)
+    down_E = quant.experts(down_EDF, x_TD.dtype)
     xq_TD = quant.activations(x_TD, gate_up_E2FD)
     for e in experts:
         pairs = (ids_S == e).nonzero().squeeze(1)

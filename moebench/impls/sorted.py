@@ -4,9 +4,10 @@ T tokens, D model width, F expert hidden width, E experts, K experts per token,
 S = T*K token-expert pairs. This is the `sorted` implementation, as in torchtitan's
 GroupedExperts and transformers' grouped_mm path: permute a copy of x into expert order,
 run `grouped_mm` over the per-expert row segments (a per-segment loop where the torch build
-has no grouped GEMM for these operands), unpermute and combine. Quantized projections are
-dequantized whole first (the reference semantics of moebench/quant.py; torch has no
-block-scaled grouped GEMM on every build).
+has no grouped GEMM for these operands), unpermute and combine. Quantized projections: the
+experts that received tokens are dequantized first (the reference semantics of
+moebench/quant.py; torch has no block-scaled grouped GEMM on every build), after one host
+sync that finds them.
 """
 
 import torch
@@ -77,6 +78,11 @@ def _segment_mm(a_SN, w_EMN, ends_E, use_grouped):
 
 def forward(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF, out_TD, stats):
     T, K = ids_TK.shape
+    if isinstance(gate_up_E2FD, quant.QuantizedTensor):  # the touched experts, renumbered
+        used_E = torch.bincount(ids_TK.flatten(), minlength=gate_up_E2FD.shape[0]) > 0
+        ids_TK = (used_E.cumsum(0) - 1)[ids_TK]
+        touched = used_E.nonzero().squeeze(1)
+        gate_up_E2FD, down_EDF = gate_up_E2FD.select(touched), down_EDF.select(touched)
     E, D, F_ = down_EDF.shape
     ids_S = ids_TK.flatten()
     order_S = torch.argsort(ids_S, stable=True)

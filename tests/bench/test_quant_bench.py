@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from moebench import ExpertWeights, QuantizedWeights, registry
+from moebench import ExpertWeights, QuantizedWeights, quant, registry
 from moebench.bench import asv, gate, grid, inputs, report, roofline, runs, sweep
 from moebench.bench.oracle import tolerance
 from moebench.quant import QUANTS
@@ -50,14 +50,14 @@ def test_the_quant_family_is_forward_only_and_out_of_the_gate():
     assert all(pt.quant is None for pt in grid.all_points("tiny") if pt.family != grid.QUANT)
 
 
-def test_inputs_quantize_in_slices_as_a_whole_layer_would(monkeypatch):
+def test_inputs_are_the_models_layer_quantized_a_few_experts_at_a_time(monkeypatch):
     point = next(pt for pt in grid.points(grid.QUANT, "tiny") if pt.label == f"{BASE}/int4")
-    monkeypatch.setattr(inputs, "QUANT_SLICE", 3 * 112 * 32 * 100)  # 100 experts a slice
+    models_weights = ExpertWeights.random(point.cfg, dtype=torch.float32, seed=inputs.SEED)
+    whole = models_weights.quantize("int4", 8)
+    monkeypatch.setattr(quant, "_CHUNK_BYTES", 3 * 112 * 32 * 4 * 100)  # about 100 experts
     (weights, _, floats), reason = inputs.point_inputs(point, torch.device("cpu"), torch.float32, 8)
     assert reason is None and isinstance(weights, QuantizedWeights)
-    models_weights = ExpertWeights.random(point.cfg, dtype=torch.float32, seed=inputs.SEED)
     assert torch.equal(floats.gate_up, models_weights.gate_up)  # the models point's layer
-    whole = models_weights.quantize("int4", 8)
     for name in ("gate_up", "down"):
         for part in ("data", "scale"):
             assert torch.equal(getattr(getattr(weights, name), part),
