@@ -2,6 +2,7 @@
 
     moebench bench [--profile gpu|cpu|tiny] [--families ...]   # the main job, an answer
     moebench compare --preset qwen3-235b-a22b --tokens 64 --impls naive,sorted
+    moebench compare --preset mixtral-8x7b --tokens 1,64 --quant none,int4,fp8-block
     moebench sweep [--profile gpu|cpu|tiny] [--families ...]   # a profile's run file
     moebench report [RUN.json ...] [--html]                    # tables, plots, web report
     moebench targets RUN.json [--kernels N]                    # the triton layer's targets
@@ -34,15 +35,18 @@ from .bench import grid, profiling, sweep
 from .bench.environment import environment, machine_name
 from .bench.gate import EXIT_INCOMPARABLE, EXIT_PASS, EXIT_REGRESSION, FDR, RULE, Incomparable, gate
 from .bench.records import tuned_kernels
+from .bench.roofline import quant_expert_bytes
 from .bench.runs import BadRun, load_run, write_atomic, write_run
 from .bench.timing import make_timer
 from .config import PRESETS, MoEConfig, preset, torch_dtype
+from .quant import QUANTS
 from .routing import make_routing
 
 EXIT_OK, EXIT_VERDICT, EXIT_BAD_INPUT = EXIT_PASS, EXIT_REGRESSION, EXIT_INCOMPARABLE
 
 COLUMNS = (
     ("T", "T", "{}"),
+    ("quant", "weights", "{}"),  # the dtype, or the quantized format
     ("impl", "impl", "{}"),
     ("skew", "skew", "{}"),
     ("time_ms", "time ms", "{:.4g}"),
@@ -56,6 +60,7 @@ COLUMNS = (
     ("imbalance_overhead", "imbalance", "{:.2f}"),
     ("dropped_fraction", "dropped", "{:.3f}"),
     ("rel_err", "rel err", "{:.1e}"),
+    ("quant_err", "quant err", "{:.1e}"),
 )
 
 
@@ -176,6 +181,13 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=count(0), help="untimed calls first")
     p.add_argument("--threads", type=count(1), help="torch CPU threads (cpu: 1)")
     p.add_argument("--check", action="store_true", help="also compare with the fp64 oracle")
+    p.add_argument(
+        "--quant",
+        type=comma_list,
+        default=["none"],
+        help=f"the experts' weights: none (the dtype's) or {', '.join(QUANTS)} (none)",
+    )
+    p.add_argument("--block", type=count(1), default=128, help="the formats' block size (128)")
     p.add_argument("--flush-l2", action="store_true", help="cold L2 before each call (cuda)")
     p.add_argument("--cuda-graph", action="store_true", help="time CUDA graph replays")
     p.add_argument("--json", metavar="PATH", help="also write the records as a run file")
@@ -217,6 +229,9 @@ def _validate(args, p, cfg: MoEConfig, profile: grid.Profile) -> None:
         p.error("--skews is empty")
     for skew in args.skews:
         make_routing(1, cfg, skew=skew)  # a ValueError names a bad skew
+    for fmt in args.quant:  # a ValueError names a bad format or a block that does not divide
+        if fmt != "none":
+            quant_expert_bytes(cfg, fmt, args.block, torch_dtype(profile.dtype))
     if (args.flush_l2 or args.cuda_graph) and torch.device(profile.device).type != "cuda":
         p.error("--flush-l2 and --cuda-graph need a CUDA device")
     if args.json and (Path(args.json).is_dir() or not _writable_folder(Path(args.json).parent)):
@@ -235,12 +250,13 @@ def format_table(records: list[dict]) -> str:
     header = [title for _, title, _ in COLUMNS]
     rows = []
     for r in records:
+        weights = r["quant"] or r["dtype"]
         if r["status"] != "ok":
-            rows.append([str(r["T"]), r["impl"], r["skew"], f"skipped: {r['reason']}"])
+            rows.append([str(r["T"]), weights, r["impl"], r["skew"], f"skipped: {r['reason']}"])
             continue
         row = []
         for key, _, fmt in COLUMNS:
-            value = r[key]
+            value = weights if key == "quant" else r[key]
             if key == "peak_bytes" and value is not None:
                 value = value / 2**20
             row.append("-" if value is None else fmt.format(value))
@@ -252,8 +268,8 @@ def format_table(records: list[dict]) -> str:
         return "  ".join(v.rjust(w) for v, w in zip(values, widths, strict=False))
 
     lines = [line(header)]
-    # A skipped record: its first three columns, then the reason across the rest.
-    lines += [line(row) if row in full else f"{line(row[:3])}  {row[3]}" for row in rows]
+    # A skipped record: its first four columns, then the reason across the rest.
+    lines += [line(row) if row in full else f"{line(row[:4])}  {row[4]}" for row in rows]
     return "\n".join(lines)
 
 
@@ -287,7 +303,13 @@ def compare(args, p) -> int:
     except (ValueError, RuntimeError) as e:
         p.error(str(e))
     name = args.preset or "custom"
-    points = [grid.Point("cli", f"{name}/T={T}", cfg, T) for T in args.tokens]
+    profile = dataclasses.replace(profile, quant_block=args.block)
+    points = [
+        grid.Point("cli", f"{name}/T={T}" + ("" if q == "none" else f"/{q}"), cfg, T,
+                   quant=None if q == "none" else q)
+        for T in args.tokens
+        for q in args.quant
+    ]  # fmt: skip
     records = sweep.run_points(
         points,
         args.impls,

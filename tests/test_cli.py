@@ -1,5 +1,6 @@
 """`moebench` / `python -m moebench`: the table, progress, and one-line errors."""
 
+import re
 import subprocess
 import sys
 
@@ -21,15 +22,44 @@ def test_compares_impls_and_skews(capsys, tmp_path):
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("custom: D=32 F=16 E=8 K=2 Fs=0, float32 on cpu")
     header = printed[1].split()
-    assert header[:4] == ["T", "impl", "skew", "time"]
+    assert header[:5] == ["T", "weights", "impl", "skew", "time"]
     for column in ("tokens/s", "TFLOP/s", "max/mean", "imbalance", "dropped"):
         assert column in header
     rows = printed[2:]
     assert len(rows) == 2 * 3 * 2
-    assert rows[0].split()[:3] == ["1", "naive", "balanced"]
+    assert rows[0].split()[:4] == ["1", "float32", "naive", "balanced"]
     env, frame = runs.load_run(out)
     assert env["profile"] == "cli" and len(frame) == 12
     assert (frame["rel_err"] < 1e-5).all()
+
+
+def test_compares_quantized_weights(capsys):
+    """--quant: each format beside the dtype's layer, checked against its own oracle, with
+    the quantization's error beside it; a bad format or block is one line."""
+    shape = ["--d-model", "64", "--d-ff", "32", "--experts", "8", "--top-k", "2"]
+    argv = [*shape, *CPU, "--tokens", "5", "--impls", "sorted,hf-eager", "--repeats", "2"]
+    argv += ["--quant", "none,int8,int4", "--block", "32", "--check"]
+    assert cli.main(argv) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [row[1:3] for row in rows] == [
+        ["float32", "sorted"], ["float32", "hf-eager"], ["int8", "sorted"],
+        ["int8", "hf-eager"], ["int4", "sorted"], ["int4", "hf-eager"],
+    ]  # fmt: skip
+    skipped = " ".join(rows[3][4:])
+    assert skipped == (
+        "skipped: unsupported: impl 'hf-eager' does not take int8 quantized weights; it takes none"
+    )
+    quant_err = {row[1]: row[-1] for row in rows if row[2] == "sorted"}
+    assert quant_err["float32"] == "-"
+    assert 0 < float(quant_err["int8"]) < float(quant_err["int4"]) < 0.5
+    bad_inputs = {
+        "int3": "unknown quantization format 'int3'",
+        "fp8-block": r"fp8-block blocks of 32x32 do not divide a \[N=32, K=48\]",
+    }
+    for bad, message in bad_inputs.items():
+        with pytest.raises(SystemExit):
+            cli.main([*SHAPE[:1], "48", *SHAPE[2:], *CPU, "--quant", bad, "--block", "32"])
+        assert re.search(message, capsys.readouterr().err)
 
 
 def test_preset_shrunk_and_skipped_triton(capsys):
