@@ -4,6 +4,8 @@ oracle, naive/padded/sorted against it, the checkpoint layouts and the clear err
 T tokens, D model width, F expert hidden width, E experts, K experts per token, B block.
 """
 
+import types
+
 import pytest
 import torch
 
@@ -163,6 +165,28 @@ def test_fp8_loads_transformers_fused_experts():
     back = QuantizedWeights.from_state_dict(tensors, "fp8-block", torch.float32)
     assert back.block == B and back.gate_up.data is qw.gate_up.data
     assert torch.equal(back.dequantize().gate_up, qw.dequantize().gate_up)
+
+
+def test_fp8_loads_transformers_own_fp8_experts_module():
+    """The same names, shapes and dtypes as the parameters of transformers' FP8Experts (the
+    module its fine-grained FP8 quantizer puts in a DeepSeek-V3 layer), read unchanged."""
+    fp8 = pytest.importorskip("transformers.integrations.finegrained_fp8")
+    D2, F2, E2 = 256, 128, 4
+    config = types.SimpleNamespace(
+        hidden_size=D2, num_experts=E2, moe_intermediate_size=F2, hidden_act="silu"
+    )
+    module = fp8.FP8Experts(config, block_size=(128, 128))
+    cfg = mb.MoEConfig(d_model=D2, d_ff=F2, num_experts=E2, top_k=2)
+    qw = mb.ExpertWeights.random(cfg, dtype=torch.bfloat16).quantize("fp8-block")
+    with torch.no_grad():
+        for name, t in (("gate_up_proj", qw.gate_up), ("down_proj", qw.down)):
+            getattr(module, name).copy_(t.data)
+            getattr(module, name + "_scale_inv").copy_(t.scale)
+    back = QuantizedWeights.from_state_dict(module.state_dict(), "fp8-block", torch.bfloat16)
+    assert back.block == 128
+    for a, b in ((qw.gate_up, back.gate_up), (qw.down, back.down)):
+        assert a.data.dtype == b.data.dtype and torch.equal(a.scale, b.scale)
+        assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8))
 
 
 def test_byte_counts():
