@@ -241,7 +241,7 @@ def prune(kernel):
         quant = kwargs.get("QUANT", 0)
         if quant:  # a reduction block within one scale's group; converted 256-deep ones spill
             group = kwargs["GROUP_K"] or 128
-            configs = [c for c in configs if group % c.kwargs["BLOCK_K"] == 0]
+            configs = [c for c in configs if min(group, 128) % c.kwargs["BLOCK_K"] == 0]
         # Quantized: fp8's dots are scaled before they add up, a second block of registers
         # each; integer weights are converted (int4 in fp32) in registers, a block each.
         projections = _ACCUMULATORS[kernel]

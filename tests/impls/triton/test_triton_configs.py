@@ -111,6 +111,31 @@ def test_prune_keeps_accumulators_in_registers(kernel):
                 assert max(per_thread) <= 128, (path, block_m, F)
 
 
+@pytest.mark.parametrize("kernel", ["gate_up", "down"])
+def test_prune_fits_quantized_weights(kernel):
+    """Quantized: a reduction block within one scale group (none deeper than 128), and the
+    registers that the quantized kernels add (fp8: scaled dots beside the accumulators;
+    integers: the converted weight block) within 128 a thread; something always offered."""
+    projections = {"gate_up": 2, "down": 1}[kernel]
+    for path in configs.PATHS:
+        space = compiled_space(path, kernel)
+        space = [c for c in space if not c.kwargs.get("TMA")]
+        for quant, group in ((1, 0), (2, 128), (2, 256), (3, 128)):
+            for block_m in (16, 64, 128):
+                flags = {"BLOCK_M": block_m, "QUANT": quant, "GROUP_K": group}
+                kept = configs.prune(kernel)(space, {"F": 2048}, **flags)
+                assert kept, (path, quant, block_m)
+                assert all(c.kwargs["BLOCK_K"] <= 128 for c in kept)
+                accumulators = projections * block_m * (2 if quant == 3 else 1)
+                converted = projections if quant < 3 else 0
+                for c in kept:
+                    regs = (accumulators + converted * c.kwargs["BLOCK_K"]) * c.kwargs["BLOCK_N"]
+                    assert regs <= 128 * 32 * c.num_warps, (path, quant, block_m, c)
+                if quant == 3 and block_m == 128 and path == "prefill":  # fewer: doubled acc.
+                    plain = configs.prune(kernel)(space, {"F": 2048}, BLOCK_M=block_m)
+                    assert len(kept) < len(plain), (path, kernel)
+
+
 def test_tuned_launches_skip_the_autotuner(monkeypatch):
     """The second call of a problem launches with the remembered configs."""
     from triton.runtime.autotuner import Autotuner
