@@ -688,6 +688,8 @@ def console_summary(env: dict, frame: pd.DataFrame, width: int = 100) -> str:
             line("straggler", _ep_range(part, "straggler", "{:.2f}"))
             continue
         line("fastest", _fastest(part, _ordered(frame, family, profile), models))
+        if family == grid.QUANT:
+            line("vs dtype", _versus_unquantized(frame))
         line("vs best peer", _versus(versus[versus["family"] == family]))
         line("worst skew", _worst_skew(part))
         line("padded", _padded(part, _ordered(frame, family, profile)))
@@ -771,6 +773,29 @@ def _ep_range(part: pd.DataFrame, value: str, fmt: str) -> str:
         span = f"{fmt.format(group[value].min())}-{fmt.format(group[value].max())}"
         out.append(f"W={int(world)} {span} (most at E={top['E']} {top['skew']})")
     return "; ".join(out)
+
+
+def _versus_unquantized(frame: pd.DataFrame) -> str:
+    """The quant family's line "vs dtype": per format, quant_impl's speed against the same
+    layer unquantized, in the run's dtype (balanced routing, the range over the points),
+    the bytes it reads relative to it (the median) and the quantization's error: "int4
+    (sorted): 0.41-0.93x the speed, 0.62x the bytes, quant err 0.15-0.2"."""
+    impl = quant_impl(frame)
+    both = versus_unquantized(_ok(frame, "balanced"))
+    both = both[(both["impl"] == impl) & both["base_ms"].notna()]
+    parts = []
+    for fmt in QUANTS:
+        rows = both[both["quant"] == fmt]
+        if rows.empty:
+            continue
+        ratio = (pd.to_numeric(rows["min_bytes"]) / pd.to_numeric(rows["base_bytes"])).median()
+        err = pd.to_numeric(rows["quant_err"]).dropna()
+        text = f"{fmt} ({impl}): {_range(rows['speedup'])} the speed, {ratio:.2f}x the bytes"
+        if len(err):
+            lo, hi = f"{err.min():.2g}", f"{err.max():.2g}"
+            text += f", quant err {lo if lo == hi else f'{lo}-{hi}'}"
+        parts.append(text)
+    return "; ".join(parts)
 
 
 def _worst_skew(part: pd.DataFrame) -> str:

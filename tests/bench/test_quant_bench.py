@@ -153,6 +153,26 @@ def test_report_has_a_quant_section_and_plot(quant_run):
     assert report.quant_impl(frame) == "sorted"
 
 
+def test_console_summary_answers_what_each_format_costs(quant_run):
+    """The main job's screen: per format, sorted's speed against the same layer in the
+    dtype, the bytes it reads relative to it, and the quantization error."""
+    env, frame = runs.load_run(quant_run)
+    lines = report.console_summary(env, frame).splitlines()
+    at = next(i for i, line in enumerate(lines) if line.lstrip().startswith("vs dtype"))
+    end = next(i for i in range(at + 1, len(lines)) if not lines[i].startswith(" " * 15))
+    text = " ".join(line.strip() for line in lines[at:end]).removeprefix("vs dtype")
+    parts = dict(part.strip().split(": ", 1) for part in text.split(";"))
+    assert set(parts) == {f"{q} (sorted)" for q in QUANTS}
+    both = report.versus_unquantized(frame)
+    both = both[both["impl"] == "sorted"]
+    for fmt in QUANTS:
+        speed, nbytes, err = parts[f"{fmt} (sorted)"].split(", ")
+        row = both[both["quant"] == fmt].iloc[0]
+        assert speed == f"{row['speedup']:.2f}x the speed"
+        assert nbytes == f"{row['min_bytes'] / row['base_bytes']:.2f}x the bytes"
+        assert err == f"quant err {row['quant_err']:.2g}"
+
+
 def test_fp8_points_take_the_fp8_ceiling_where_one_was_measured():
     flops, nbytes = 4e12, 1e6  # compute bound: 4 s at 1 TFLOP/s
     assert FAKE_CEILINGS.roofline_ms(flops, nbytes, "fp8-block") == pytest.approx(4e3)
