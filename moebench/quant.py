@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .config import torch_dtype
-from .weights import ExpertWeights, _shape
+from .weights import ExpertWeights, LayerSizes, _shape
 
 FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
 ACT_EPS = 1e-10  # the least amax an fp8 activation scale divides by (an all-zero block)
@@ -210,7 +210,7 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 
 @dataclasses.dataclass(frozen=True)
-class QuantizedWeights:
+class QuantizedWeights(LayerSizes):
     """A layer's weights with its routed experts quantized in one format; moe_forward and
     reference take it where they take ExpertWeights. gate_up [E, 2F, D], down [E, D, F];
     the shared expert (shared_gate_up [2*Fs, D], shared_down [D, Fs]) stays in `dtype`,
@@ -252,26 +252,6 @@ class QuantizedWeights:
     @property
     def block(self) -> int:
         return self.gate_up.block
-
-    @property
-    def num_experts(self) -> int:
-        return self.gate_up.shape[0]
-
-    @property
-    def d_model(self) -> int:
-        return self.gate_up.shape[2]
-
-    @property
-    def d_ff(self) -> int:
-        return self.down.shape[2]
-
-    @property
-    def d_ff_shared(self) -> int:
-        return 0 if self.shared_down is None else self.shared_down.shape[1]
-
-    @property
-    def device(self) -> torch.device:
-        return self.gate_up.device
 
     @property
     def expert_nbytes(self) -> int:

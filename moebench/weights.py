@@ -18,8 +18,34 @@ def _shape(t: torch.Tensor | None) -> tuple | None:
     return None if t is None else tuple(t.shape)
 
 
+class LayerSizes:
+    """The sizes a layer's weights give: gate_up [E, 2F, D] and down [E, D, F] (tensors,
+    or moebench.quant.QuantizedTensor), shared_down [D, Fs] or None. ExpertWeights and
+    QuantizedWeights both read them here."""
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_up.shape[0]
+
+    @property
+    def d_model(self) -> int:
+        return self.gate_up.shape[2]
+
+    @property
+    def d_ff(self) -> int:
+        return self.down.shape[2]
+
+    @property
+    def d_ff_shared(self) -> int:
+        return 0 if self.shared_down is None else self.shared_down.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.gate_up.device
+
+
 @dataclasses.dataclass(frozen=True)  # checked once, here: a field cannot change after
-class ExpertWeights:
+class ExpertWeights(LayerSizes):
     gate_up: torch.Tensor  # [E, 2F, D]
     down: torch.Tensor  # [E, D, F]
     shared_gate_up: torch.Tensor | None = None  # [2*Fs, D]
@@ -94,28 +120,8 @@ class ExpertWeights:
         )
 
     @property
-    def num_experts(self) -> int:
-        return self.gate_up.shape[0]
-
-    @property
-    def d_model(self) -> int:
-        return self.gate_up.shape[2]
-
-    @property
-    def d_ff(self) -> int:
-        return self.down.shape[2]
-
-    @property
-    def d_ff_shared(self) -> int:
-        return 0 if self.shared_down is None else self.shared_down.shape[1]
-
-    @property
     def dtype(self) -> torch.dtype:
         return self.gate_up.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.gate_up.device
 
     @property
     def expert_nbytes(self) -> int:

@@ -173,26 +173,22 @@ def evaluate(env: dict, frame: pd.DataFrame) -> pd.DataFrame:
                 frac >= ROOFLINE,
             )
         )
-        bandwidth = _weight_bytes(decode) / (ms(decode) * 1e-3) / copy_bw if copy_bw else None
-        rows.append(
-            _verdict(
-                f"decode weight bandwidth / copy bandwidth ({timing})",
-                f">= {DECODE_BANDWIDTH:g}",
-                decode if copy_bw else decode.iloc[:0],
-                bandwidth,
-                bandwidth >= DECODE_BANDWIDTH if copy_bw else None,
+        bandwidths = (
+            ("decode weight bandwidth", decode, _weight_bytes, DECODE_BANDWIDTH),
+            ("int4 decode bytes read", int4, lambda r: pd.to_numeric(r["min_bytes"]),
+             INT4_BANDWIDTH),
+        )  # fmt: skip
+        for name, part, nbytes, least in bandwidths:
+            bandwidth = nbytes(part) / (ms(part) * 1e-3) / copy_bw if copy_bw else None
+            rows.append(
+                _verdict(
+                    f"{name} / copy bandwidth ({timing})",
+                    f">= {least:g}",
+                    part if copy_bw else part.iloc[:0],
+                    bandwidth,
+                    bandwidth >= least if copy_bw else None,
+                )
             )
-        )
-        read = pd.to_numeric(int4["min_bytes"]) / (ms(int4) * 1e-3) / copy_bw if copy_bw else None
-        rows.append(
-            _verdict(
-                f"int4 decode bytes read / copy bandwidth ({timing})",
-                f">= {INT4_BANDWIDTH:g}",
-                int4 if copy_bw else int4.iloc[:0],
-                read,
-                read >= INT4_BANDWIDTH if copy_bw else None,
-            )
-        )
 
     # fp8-block at the SonicMoE shape against the same point in the dtype.
     fp8 = tri[(tri["family"] == QUANT) & (tri["quant"] == "fp8-block")]
