@@ -246,8 +246,11 @@ def _writable_folder(folder: Path) -> bool:
 
 
 def format_table(records: list[dict]) -> str:
-    """Aligned text: one row per record; a skipped record shows its reason."""
-    header = [title for _, title, _ in COLUMNS]
+    """Aligned text: one row per record; a skipped record shows its reason. The quant err
+    column only where a record has one (quantized weights, checked)."""
+    quantized = any(r.get("quant_err") is not None for r in records)
+    columns = [c for c in COLUMNS if quantized or c[0] != "quant_err"]
+    header = [title for _, title, _ in columns]
     rows = []
     for r in records:
         weights = r["quant"] or r["dtype"]
@@ -255,7 +258,7 @@ def format_table(records: list[dict]) -> str:
             rows.append([str(r["T"]), weights, r["impl"], r["skew"], f"skipped: {r['reason']}"])
             continue
         row = []
-        for key, _, fmt in COLUMNS:
+        for key, _, fmt in columns:
             value = weights if key == "quant" else r[key]
             if key == "peak_bytes" and value is not None:
                 value = value / 2**20
