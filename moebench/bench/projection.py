@@ -446,7 +446,8 @@ def validate(env: dict, frame) -> pd.DataFrame:
     """The model against a run's ep records: per record, whether the model's bytes of every
     rank equal the measured ones (the routing redrawn from the seed), and the model's
     dispatch and combine times with the gloo (or NCCL) link fitted from
-    env["ep_calibration"] beside the straggler's measured medians, one ratio each. All ranks
+    env["ep_calibration"] beside the straggler's measured medians, one ratio each (NaN, and
+    `no_link` saying why, where that world size's calibration fits no link). All ranks
     of an ep run share one machine: one link class."""
     frame = _as_frame(frame)
     ep_records = frame[(frame["family"] == grid.EP) & (frame["status"] == "ok")]
@@ -461,7 +462,12 @@ def validate(env: dict, frame) -> pd.DataFrame:
                 f"env['ep_calibration'] has no world size {W} (it has {sorted(calibration)}): "
                 "the link cannot be fitted"
             )
-        link = fit_link(f"calibrated W={W}", world=W, **calibration[str(W)])
+        try:
+            link, no_link = fit_link(f"calibrated W={W}", world=W, **calibration[str(W)]), None
+        except ValueError as e:
+            # gloo's latency alone, on a busy machine: its times did not grow with the bytes
+            # (seen at W=4 on 2 cores). The byte check stands; the times have no model.
+            link, no_link = None, str(e)
         cfg = MoEConfig(
             d_model=int(r["D"]), d_ff=int(r["F"]), num_experts=int(r["E"]), top_k=int(r["K"])
         )
@@ -479,16 +485,17 @@ def validate(env: dict, frame) -> pd.DataFrame:
         )
         for key, counts in (("rows_recv", rows_WW), ("pairs_recv", pairs_WW)):
             exact = exact and [rank.get(key) for rank in measured] == counts.sum(0).tolist()
-        phase = phase_seconds(rows_WW, cfg.d_model, itemsize, W, link, link, cfg.top_k)
         row = {"label": r["label"], "impl": r["impl"], "skew": r["skew"], "W": W, "T": int(r["T"])}
-        row["bytes_exact"] = exact
+        row["bytes_exact"], row["no_link"] = exact, no_link
+        if link is not None:
+            phase = phase_seconds(rows_WW, cfg.d_model, itemsize, W, link, link, cfg.top_k)
         for name in CALLS:
-            predicted = float(phase[name].max()) * 1e3
+            predicted = math.nan if link is None else float(phase[name].max()) * 1e3
             row[f"{name}_model_ms"] = predicted
             row[f"{name}_ms"] = float(r[f"{name}_ms"])
             row[f"{name}_ratio"] = predicted / row[f"{name}_ms"] if row[f"{name}_ms"] else math.nan
-        row["alpha_us"] = link.alpha_s * 1e6
-        row["link_GBps"] = link.bytes_per_s / 1e9
+        row["alpha_us"] = math.nan if link is None else link.alpha_s * 1e6
+        row["link_GBps"] = math.nan if link is None else link.bytes_per_s / 1e9
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -502,9 +509,14 @@ def validation_markdown(frame: pd.DataFrame) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for _, r in frame.iterrows():
+        bytes_check = f"| {r['label']} | {r['skew']} | {r['impl']} | " + (
+            "exact |" if r["bytes_exact"] else "DIFFER |"
+        )
+        if isinstance(r.get("no_link"), str):  # (pandas may hold the others as NaN)
+            lines.append(f"{bytes_check} no link fitted: {r['no_link']} |||||")
+            continue
         lines.append(
-            f"| {r['label']} | {r['skew']} | {r['impl']} | "
-            f"{'exact' if r['bytes_exact'] else 'DIFFER'} | "
+            f"{bytes_check} "
             f"{r['dispatch_model_ms']:.3g} / {r['dispatch_ms']:.3g} | {r['dispatch_ratio']:.2f} | "
             f"{r['combine_model_ms']:.3g} / {r['combine_ms']:.3g} | {r['combine_ratio']:.2f} | "
             f"{r['alpha_us']:.3g}, {r['link_GBps']:.3g} |"

@@ -287,6 +287,20 @@ def test_validate_finds_the_measured_bytes_and_times():
     assert frame["bytes_exact"].tolist() == [True, False, True, True]
     table = pj.validation_markdown(frame)
     assert table.count("DIFFER") == 1 and table.count("| exact |") == 3
+    # A calibration whose times do not grow with the bytes (gloo's latency alone, W=4 on a
+    # busy 2-core machine): no link for W=4; its bytes are still checked, W=2 keeps its fit.
+    calibration = env["ep_calibration"]["4"]
+    calibration["seconds"] = sorted(calibration["seconds"], reverse=True)
+    frame = pj.validate(env, records)
+    no_fit = frame["W"] == 4
+    assert no_fit.any() and (~no_fit).any()
+    assert frame.loc[no_fit, "no_link"].str.contains("does not grow with the bytes").all()
+    assert frame.loc[no_fit, "dispatch_ratio"].isna().all()
+    assert frame.loc[~no_fit, "no_link"].isna().all()
+    assert frame.loc[~no_fit, "dispatch_ratio"].tolist() == pytest.approx([1.0] * 2, rel=1e-6)
+    table = pj.validation_markdown(frame)
+    assert table.count("no link fitted") == no_fit.sum()
+    assert {line.count("|") for line in table.splitlines()} == {10}
     del env["ep_calibration"]["4"]
     with pytest.raises(ValueError, match="no world size 4"):
         pj.validate(env, records)
