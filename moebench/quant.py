@@ -45,7 +45,6 @@ class Format:
     per_element: int  # values a stored element packs
     qmax: float  # the largest magnitude quantize() stores
     activations: bool  # activations quantized at run time (w8a8)
-    checkpoint: str  # the layout it loads from and writes to
 
     def scale_block(self, block: int, K: int) -> tuple[int, int]:
         """(rows, columns) of a projection that one scale covers."""
@@ -57,9 +56,9 @@ class Format:
 FORMATS = {
     f.name: f
     for f in (
-        Format("fp8-block", torch.float8_e4m3fn, 1, FP8_MAX, True, "DeepSeek-V3 fp8 blocks"),
-        Format("int8", torch.int8, 1, 127, False, "compressed-tensors int-quantized"),
-        Format("int4", torch.int32, 8, 7, False, "compressed-tensors pack-quantized"),
+        Format("fp8-block", torch.float8_e4m3fn, 1, FP8_MAX, True),  # DeepSeek-V3's
+        Format("int8", torch.int8, 1, 127, False),  # compressed-tensors' int-quantized
+        Format("int4", torch.int32, 8, 7, False),  # compressed-tensors' pack-quantized
     )
 }
 QUANTS = tuple(FORMATS)
@@ -129,10 +128,6 @@ class QuantizedTensor:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.data, self.scale))
-
-    def scale_strides(self) -> tuple[int, int, int, int, int]:
-        """(rows, columns) a scale covers and the scale's strides, for the kernels."""
-        return *self.format.scale_block(self.block, self.shape[2]), *self.scale.stride()
 
     def values(self) -> torch.Tensor:
         """The stored values as [E, N, K]: fp8 as stored, integers as int8."""
