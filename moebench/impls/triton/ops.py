@@ -189,8 +189,8 @@ def down_combine(h_SF, down_EDF, weights_S, schedule, sections, out_TD, top_k, p
     With `quant` (a Quant), down_EDF holds the stored values and h_SF, for fp8-block, h's
     fp8 values. Returns the combine mode and the config of the last section's launch.
     """
-    E, D, _ = down_EDF.shape
-    F = h_SF.shape[1]
+    E, D, F = down_EDF.shape
+    F *= quant.per_element if quant else 1
     T, S = out_TD.shape[0], h_SF.shape[0]
     assert T * top_k == S and h_SF.shape[1] == F and out_TD.shape[1] == D, "shapes disagree"
     combine = combine_mode(top_k, combine)
